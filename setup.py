@@ -17,6 +17,7 @@ setup(
         "batchgenerators",
         "dynamic-network-architectures",
         "numpy",
+        "timm",
         "scipy",
         "tqdm",
         "Pillow",

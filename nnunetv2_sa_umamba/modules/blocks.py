@@ -1,0 +1,101 @@
+"""Building blocks of SA-UMamba / VM-UNet. All take and return channel-last (B, H, W, C) tensors except
+PatchEmbed (NCHW in)."""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from timm.layers import DropPath
+from torch import nn
+
+from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
+from nnunetv2_sa_umamba.modules.ss2d import SS2D
+
+LAYER_NORM_EPS = 1e-5
+
+
+class PatchEmbed(nn.Module):
+    """(B, C_in, H, W) -> (B, H/p, W/p, C): strided conv, then LayerNorm."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int = 4):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """(B, H, W, C) -> (B, H/2, W/2, 2C): 2x2 neighbours concatenated, LayerNorm(4C), Linear(4C, 2C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=LAYER_NORM_EPS)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class PatchExpand(nn.Module):
+    """(B, H, W, C_in) -> (B, pH, pW, C_out): Linear(C_in, p^2 C_out), pixel shuffle, LayerNorm(C_out).
+
+    The decoder uses p=2 with C_in = 2 C_out; the final expand uses p=4 with C_in = 4 C_out."""
+
+    def __init__(self, in_dim: int, out_dim: int, scale: int):
+        super().__init__()
+        self.scale = scale
+        self.expand = nn.Linear(in_dim, scale * scale * out_dim, bias=False)
+        self.norm = nn.LayerNorm(out_dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = rearrange(self.expand(x), "b h w (p1 p2 c) -> b (h p1) (w p2) c", p1=self.scale, p2=self.scale)
+        return self.norm(x)
+
+
+class VSSBlock(nn.Module):
+    """x + DropPath(SS2D(LN(x)))."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 16, implementation: str = "fast",
+                 scan_backend: str | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.ss2d = SS2D(dim, d_state=d_state, implementation=implementation, scan_backend=scan_backend)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.ss2d(self.norm1(x)))
+
+
+class RSSSBlock(nn.Module):
+    """Residual spatial-attention selective-scan block (SA-UMamba's encoder block).
+
+    Z = X * s1 + DropPath(SS2D(LN1(X)));  Y = Z * s2 + RFAC(LN2(Z)).
+    ``residual_scale=False`` fixes s1 = s2 = 1 (no parameters); ``rfac=False`` drops the second half
+    (Y = Z), which with ``residual_scale=False`` is exactly a VSS block.
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 16, rfac: bool = True,
+                 residual_scale: bool = True, implementation: str = "fast", scan_backend: str | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.ss2d = SS2D(dim, d_state=d_state, implementation=implementation, scan_backend=scan_backend)
+        self.drop_path = DropPath(drop_path)
+        self.scale1 = nn.Parameter(torch.ones(dim)) if residual_scale else None
+        self.norm2 = self.rfac = self.scale2 = None
+        if rfac:
+            self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+            self.rfac = RFAConv(dim, implementation=implementation)
+            self.scale2 = nn.Parameter(torch.ones(dim)) if residual_scale else None
+
+    @staticmethod
+    def _scaled(x: torch.Tensor, scale: nn.Parameter | None) -> torch.Tensor:
+        return x if scale is None else x * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self._scaled(x, self.scale1) + self.drop_path(self.ss2d(self.norm1(x)))
+        if self.rfac is None:
+            return z
+        attention = self.rfac(self.norm2(z).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self._scaled(z, self.scale2) + attention

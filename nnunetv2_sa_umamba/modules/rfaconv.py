@@ -1,0 +1,50 @@
+"""RFAConv (receptive-field attention convolution), kernel 3, stride 1, C -> C, as SA-UMamba's RFAC branch.
+
+weight  = softmax over the 9 receptive-field positions of GroupConv1x1(AvgPool3x3(x))   (B, C, 9, H, W)
+feature = ReLU(BN(GroupConv3x3(x)))                                                   (B, C, 9, H, W)
+out     = ReLU(BN(Conv3x3_stride3(rearrange(feature * weight, 'b c (3 3) h w -> b c (3h) (3w)'))))
+
+The last convolution sees each 3x3 block of the rearranged map exactly once, so it equals a 1x1 convolution
+over the 9C channels (c, position) of the un-rearranged product; the ``"fast"`` implementation computes it
+that way and never builds the 3H x 3W map. Parameters: 9C^2 + 111C.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from nnunetv2_sa_umamba.modules.ss2d import check_implementation
+
+KERNEL_POSITIONS = 9
+
+
+class RFAConv(nn.Module):
+    """(B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int, implementation: str = "fast"):
+        super().__init__()
+        self.channels = channels
+        self.implementation = check_implementation(implementation)
+        c9 = channels * KERNEL_POSITIONS
+        self.weight_pool = nn.AvgPool2d(3, stride=1, padding=1)
+        self.weight_conv = nn.Conv2d(channels, c9, 1, groups=channels, bias=False)
+        self.feature_conv = nn.Conv2d(channels, c9, 3, padding=1, groups=channels, bias=False)
+        self.feature_norm = nn.BatchNorm2d(c9)
+        self.out_conv = nn.Conv2d(channels, channels, 3, stride=3, bias=True)
+        self.out_norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        weight = self.weight_conv(self.weight_pool(x)).view(b, c, KERNEL_POSITIONS, h, w).softmax(dim=2)
+        feature = F.relu(self.feature_norm(self.feature_conv(x))).view(b, c, KERNEL_POSITIONS, h, w)
+        weighted = feature * weight
+        if self.implementation == "reference":
+            unfolded = rearrange(weighted, "b c (n1 n2) h w -> b c (h n1) (w n2)", n1=3, n2=3)
+            out = self.out_conv(unfolded)
+        else:
+            # (C_out, C, 3, 3) -> (C_out, C*9, 1, 1): channel c*9 + position matches the view above
+            out = F.conv2d(weighted.view(b, c * KERNEL_POSITIONS, h, w),
+                           self.out_conv.weight.reshape(c, c * KERNEL_POSITIONS, 1, 1), self.out_conv.bias)
+        return F.relu(self.out_norm(out))

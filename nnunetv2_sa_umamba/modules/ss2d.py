@@ -1,0 +1,146 @@
+"""SS2D: VMamba v0's 2D selective-scan module, as used by VM-UNet and SA-UMamba.
+
+Two implementations of the same math, chosen per module with ``implementation``:
+
+- ``"reference"``: the released code's operations (stacked/flipped cross-scan copies, einsum projections,
+  float32 scan inputs). Every speedup is measured against it.
+- ``"fast"``: the same values computed with fewer copies (grouped 1x1 convolutions instead of einsums, one
+  preallocated cross-scan buffer) and, under autocast, 16-bit scan inputs. The scan keeps its state in
+  float32 either way; fp16 autocast runs the scan with bfloat16 inputs because the kernel's fp16 output
+  overflows (scan outputs reach ~1e6).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2_sa_umamba.ops.selective_scan import selective_scan
+
+IMPLEMENTATIONS = ("reference", "fast")
+NUM_DIRECTIONS = 4
+
+
+def check_implementation(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    return implementation
+
+
+def cross_scan(x: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major, and both reversed."""
+    b, d, h, w = x.shape
+    xs = x.new_empty(b, NUM_DIRECTIONS, d, h * w)
+    xs[:, 0].view(b, d, h, w).copy_(x)
+    xs[:, 1].view(b, d, w, h).copy_(x.transpose(2, 3))
+    xs[:, 2:] = xs[:, :2].flip(-1)
+    return xs
+
+
+def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, 4, D, H*W) -> (B, D, H*W) in row-major order: the sum of the four directions."""
+    b, _, d, length = ys.shape
+    forward_and_reversed = ys[:, :2] + ys[:, 2:].flip(-1)
+    column_major = forward_and_reversed[:, 1].view(b, d, w, h).transpose(2, 3).reshape(b, d, length)
+    return forward_and_reversed[:, 0] + column_major
+
+
+def _scan_dtype(x: torch.Tensor) -> torch.dtype:
+    if not torch.is_autocast_enabled(x.device.type):
+        return torch.float32
+    # bf16 has float32's range; fp16 scan outputs overflow.
+    return torch.bfloat16
+
+
+class SS2D(nn.Module):
+    """(B, H, W, C) -> (B, H, W, C). d_inner D = expand * C, dt_rank R = ceil(C / 16)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: int = 2,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 implementation: str = "fast", scan_backend: str | None = None):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16)
+        self.implementation = check_implementation(implementation)
+        self.scan_backend = scan_backend
+        d_inner, dt_rank, k = self.d_inner, self.dt_rank, NUM_DIRECTIONS
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
+        self.act = nn.SiLU()
+
+        # x_proj: 4 nn.Linear(D, R + 2N) with PyTorch's default init, stacked
+        x_proj_bound = 1 / math.sqrt(d_inner)
+        self.x_proj_weight = nn.Parameter(
+            torch.empty(k, dt_rank + 2 * d_state, d_inner).uniform_(-x_proj_bound, x_proj_bound))
+        dt_bound = dt_rank ** -0.5
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank).uniform_(-dt_bound, dt_bound))
+        dt = torch.exp(torch.rand(k, d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(k * d_inner, 1)
+        self.A_logs = nn.Parameter(torch.log(a))
+        self.Ds = nn.Parameter(torch.ones(k * d_inner))
+
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))
+        if self.implementation == "reference":
+            y = self._forward_core_reference(x)
+        else:
+            y = self._forward_core_fast(x)
+        y = self.out_norm(y) * F.silu(z)
+        return self.out_proj(y)
+
+    def _scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = -torch.exp(self.A_logs.float())
+        return a, self.Ds.float(), self.dt_projs_bias.float().view(-1)
+
+    def _forward_core_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, H, W, D), the released code's operations."""
+        b, d, h, w = x.shape
+        length, k = h * w, NUM_DIRECTIONS
+        x_hw_wh = torch.stack([x.view(b, -1, length), x.transpose(2, 3).contiguous().view(b, -1, length)],
+                              dim=1).view(b, 2, -1, length)
+        xs = torch.cat([x_hw_wh, torch.flip(x_hw_wh, dims=[-1])], dim=1)
+        x_dbl = torch.einsum("b k d l, k c d -> b k c l", xs.view(b, k, -1, length), self.x_proj_weight)
+        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("b k r l, k d r -> b k d l", dts.view(b, k, -1, length), self.dt_projs_weight)
+        a, ds, dt_bias = self._scan_parameters()
+        out_y = selective_scan(
+            xs.float().view(b, -1, length), dts.contiguous().float().view(b, -1, length), a,
+            bs.float().view(b, k, -1, length), cs.float().view(b, k, -1, length), ds,
+            delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
+        ).view(b, k, -1, length)
+        inv_y = torch.flip(out_y[:, 2:4], dims=[-1]).view(b, 2, -1, length)
+        wh_y = out_y[:, 1].view(b, -1, w, h).transpose(2, 3).contiguous().view(b, -1, length)
+        invwh_y = inv_y[:, 1].view(b, -1, w, h).transpose(2, 3).contiguous().view(b, -1, length)
+        y = out_y[:, 0] + inv_y[:, 0] + wh_y + invwh_y
+        return y.transpose(1, 2).contiguous().view(b, h, w, -1)
+
+    def _forward_core_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, H, W, D), same values with fewer copies and 16-bit scan inputs."""
+        b, d, h, w = x.shape
+        length, k = h * w, NUM_DIRECTIONS
+        dtype = _scan_dtype(x)
+        # projections run in the scan dtype itself: fp16 autocast would otherwise add cast copies
+        with torch.autocast(x.device.type, enabled=False):
+            xs = cross_scan(x.to(dtype)).view(b, k * d, length)
+            # per-direction projections as grouped 1x1 convolutions: no einsum permute copies
+            x_dbl = F.conv1d(xs, self.x_proj_weight.to(dtype).reshape(-1, d, 1), groups=k).view(b, k, -1, length)
+            dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+            dts = F.conv1d(dts.reshape(b, -1, length),
+                           self.dt_projs_weight.to(dtype).reshape(-1, self.dt_rank, 1), groups=k)
+        a, ds, dt_bias = self._scan_parameters()
+        ys = selective_scan(
+            xs, dts, a, bs.contiguous(), cs.contiguous(), ds,
+            delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
+        ).view(b, k, d, length)
+        return cross_merge(ys, h, w).view(b, d, h, w).permute(0, 2, 3, 1)

@@ -1,0 +1,115 @@
+"""nnUNetTrainerSAUMamba: nnU-Net v2's trainer with the SA-UMamba network and the paper's AdamW recipe.
+
+Variants that change one thing each live in ``nnunetv2_sa_umamba.training.variants``.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.optim.lr_scheduler import _LRScheduler
+
+from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
+
+
+class CosineToMinLRScheduler(_LRScheduler):
+    """Cosine decay from ``initial_lr`` at step 0 to ``min_lr`` at ``max_steps``; ``step(epoch)`` like
+    nnU-Net's PolyLRScheduler, so the value depends only on the epoch (resume-safe)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_steps: int,
+                 min_lr: float = 1e-5):
+        self.initial_lr, self.max_steps, self.min_lr = initial_lr, max_steps, min_lr
+        self.ctr = 0
+        super().__init__(optimizer, -1)
+
+    def lr_at(self, step: int) -> float:
+        progress = min(step, self.max_steps) / self.max_steps
+        return self.min_lr + (self.initial_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(current_step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return self._last_lr
+
+
+def round_up_patch_size(patch_size, multiple: int) -> list[int]:
+    """The network needs multiples of 32. Rounding up (not padding inside the network) means the extra
+    pixels are real image context rather than zeros, and training and inference tiles stay identical."""
+    return [int(math.ceil(p / multiple) * multiple) for p in patch_size]
+
+
+class nnUNetTrainerSAUMamba(nnUNetTrainer):
+    # Architecture switches read by build_network_architecture; variants override them.
+    rfac: bool = True
+    residual_scale: bool = True
+    decoder_block: str = "vss"
+    implementation: str = "fast"
+    size_multiple: int = 32
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        patch_size = self.configuration_manager.patch_size
+        if len(patch_size) != 2:
+            raise RuntimeError(
+                f"{self.__class__.__name__} is a 2D network but configuration '{configuration}' has a "
+                f"{len(patch_size)}D patch {patch_size}. Train the '2d' configuration.")
+        rounded = round_up_patch_size(patch_size, self.size_multiple)
+        if rounded != list(patch_size):
+            # Stored in the plans that training saves next to the checkpoint, so that --val and
+            # nnUNetv2_predict tile with the same patch size.
+            self.configuration_manager.configuration["patch_size"] = rounded
+            self.plans_manager.plans["configurations"][configuration]["patch_size"] = rounded
+            self.print_to_log_file(f"Patch size {list(patch_size)} rounded up to {rounded} "
+                                   f"(SA-UMamba needs multiples of {self.size_multiple}).")
+        self.initial_lr = 1e-3
+        self.weight_decay = 1e-2
+        self.min_lr = 1e-5
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        # nnU-Net 2.7+ signature. A classmethod rather than nnU-Net's staticmethod so that each variant only
+        # sets a class attribute; callers (the trainer and the predictor) call it the same way.
+        network = SAUMamba(
+            in_channels=num_input_channels, num_classes=num_output_channels, rfac=cls.rfac,
+            residual_scale=cls.residual_scale, decoder_block=cls.decoder_block,
+            deep_supervision=enable_deep_supervision, implementation=cls.implementation,
+        )
+        # The heads always exist (strict loading in the predictor); frozen when unused so that DDP does not
+        # wait for their gradients.
+        network.deep_supervision_heads.requires_grad_(enable_deep_supervision)
+        return network
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        return [[scale, scale] for scale in SAUMamba.output_scales()]
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        network = self.network.module if self.is_ddp else self.network
+        if isinstance(network, OptimizedModule):
+            network = network._orig_mod
+        network.deep_supervision = enabled
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr,
+                                      weight_decay=self.weight_decay)
+        return optimizer, CosineToMinLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.min_lr)
+
+    def _do_i_compile(self) -> bool:
+        # Off by default: mamba-ssm's pybind kernel breaks the graph at every scan, and compile time would eat
+        # short runs. nnUNet_compile=1 turns it on (the scan is a registered custom op, see ops/).
+        return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and self.device.type == "cuda"
