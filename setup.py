@@ -23,6 +23,7 @@ setup(
         "Pillow",
         "tifffile",
         "h5py",
+        "medpy",
     ],
     extras_require={
         # mamba-ssm compiles its CUDA kernels at install time; install torch with CUDA first.
