@@ -140,20 +140,22 @@ class LoadReport:
                 f"{len(self.missing)} model tensors left at initialisation")
 
 
-def _fill(model_state: dict[str, torch.Tensor], candidates: Mapping[str, torch.Tensor], report: LoadReport,
+def _fill(model_state: dict[str, torch.Tensor], candidates: Mapping[str, tuple[str, torch.Tensor]],
+          report: LoadReport,
           adapt: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None) -> None:
-    for key, value in candidates.items():
+    """Copy ``candidates`` (model key -> (checkpoint key, tensor)) into ``model_state``; the report names
+    checkpoint keys, as the user sees them in their file."""
+    for key, (source_key, value) in candidates.items():
         if key not in model_state:
-            report.skipped.setdefault(key, "no such tensor in the model")
+            report.skipped[source_key] = "no such tensor in the model"
             continue
         target = model_state[key]
         if value.shape != target.shape and adapt is not None:
             value = adapt(key, value, target)
         if value is None or value.shape != target.shape:
-            report.skipped[key] = f"shape {tuple(candidates[key].shape)} != model {tuple(target.shape)}"
+            report.skipped[source_key] = f"shape {tuple(candidates[key][1].shape)} != model {tuple(target.shape)}"
             continue
         model_state[key] = value.to(target.dtype)
-        report.skipped.pop(key, None)
         if key not in report.loaded:
             report.loaded.append(key)
 
@@ -165,7 +167,9 @@ def load_reference_weights(model: nn.Module, state_dict: Mapping[str, torch.Tens
     raises ``CheckpointError``."""
     model_state = model.state_dict()
     report = LoadReport()
-    _fill(model_state, reference_to_ours(state_dict), report)
+    renamed = reference_to_ours(state_dict)
+    sources = {_rename(k, "to_ours"): k for k in state_dict if not _REFERENCE_UNUSED.match(k)}
+    _fill(model_state, {k: (sources[k], v) for k, v in renamed.items()}, report)
     report.missing = [k for k in model_state if k not in report.loaded]
     not_filled = [k for k in report.missing if not k.startswith("deep_supervision_heads.")]
     if strict and (report.skipped or not_filled):
@@ -203,7 +207,7 @@ def load_vmamba_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadRep
         if renamed is None:
             report.skipped[key] = "not part of the SA-UMamba encoder (classifier head or unknown)"
         else:
-            encoder[renamed] = value
+            encoder[renamed] = (key, value)
     _fill(model_state, encoder, report, adapt=_sum_input_channels)
 
     decoder = {}
@@ -214,7 +218,7 @@ def load_vmamba_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadRep
             stage, index, part, rest = match.groups()
             up = _VMAMBA_ENCODER_TO_DECODER.get(int(stage))
             if up is not None:
-                decoder[_rename(f"layers_up.{up}.blocks.{index}.{part}{rest}", "to_ours")] = value
+                decoder[_rename(f"layers_up.{up}.blocks.{index}.{part}{rest}", "to_ours")] = (key, value)
     _fill(model_state, decoder, report)
 
     report.missing = [k for k in model_state if k not in report.loaded]

@@ -37,13 +37,17 @@ class RFAConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        weight = self.weight_conv(self.weight_pool(x)).view(b, c, KERNEL_POSITIONS, h, w).softmax(dim=2)
         feature = F.relu(self.feature_norm(self.feature_conv(x))).view(b, c, KERNEL_POSITIONS, h, w)
-        weighted = feature * weight
         if self.implementation == "reference":
-            unfolded = rearrange(weighted, "b c (n1 n2) h w -> b c (h n1) (w n2)", n1=3, n2=3)
+            weight = self.weight_conv(self.weight_pool(x)).view(b, c, KERNEL_POSITIONS, h, w).softmax(dim=2)
+            unfolded = rearrange(feature * weight, "b c (n1 n2) h w -> b c (h n1) (w n2)", n1=3, n2=3)
             out = self.out_conv(unfolded)
         else:
+            # a grouped 1x1 conv with one input channel per group is a broadcast multiply; cuDNN's grouped
+            # backward is far slower than the elementwise one
+            pooled = self.weight_pool(x).unsqueeze(2)
+            weight = (pooled * self.weight_conv.weight.view(1, c, KERNEL_POSITIONS, 1, 1)).softmax(dim=2)
+            weighted = feature * weight
             # (C_out, C, 3, 3) -> (C_out, C*9, 1, 1): channel c*9 + position matches the view above
             out = F.conv2d(weighted.view(b, c * KERNEL_POSITIONS, h, w),
                            self.out_conv.weight.reshape(c, c * KERNEL_POSITIONS, 1, 1), self.out_conv.bias)

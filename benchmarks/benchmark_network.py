@@ -1,0 +1,227 @@
+"""Training-step and inference speed and peak memory of SA-UMamba's implementations next to nnU-Net's 2D U-Net.
+
+Every row is measured in one run on one device with the same batch, so ratios are comparable. Rows:
+  reference      our network on the released code's operations (the baseline for every speedup)
+  fast/<scan>    our fast path with each available selective-scan backend
+  fast+compile   the fast path under torch.compile (only with --compile)
+  nnunet_plain   nnU-Net's PlainConvUNet as nnU-Net plans it for 256x256 2D input (7 stages, 32..512)
+A training step is forward + cross-entropy + backward + AdamW step (fp16 with a GradScaler, as nnU-Net trains);
+inference is a no-grad forward in eval mode. Deep supervision is off for every network.
+
+    python benchmarks/benchmark_network.py                       # CUDA, batch 28 x 3 x 256 x 256 and 1 x 512 x 512
+    python benchmarks/benchmark_network.py --smoke --json out.json   # tiny CPU run (used by the tests)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
+from nnunetv2_sa_umamba.ops.selective_scan import available_backends  # noqa: E402
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def nnunet_plain_unet(in_channels: int, num_classes: int) -> nn.Module:
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    n_stages = 7
+    return PlainConvUNet(
+        in_channels, n_stages, [min(32 * 2 ** i, 512) for i in range(n_stages)], nn.Conv2d, 3,
+        [1] + [2] * (n_stages - 1), 2, num_classes, 2, conv_bias=True, norm_op=nn.InstanceNorm2d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+        deep_supervision=False)
+
+
+@dataclass
+class Row:
+    shape: str
+    dtype: str
+    model: str
+    params_m: float
+    train_ms: float | None = None
+    infer_ms: float | None = None
+    peak_train_gib: float | None = None
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str, warmup: int,
+            iters: int) -> tuple[float, float, float | None]:
+    device = x.device
+    dtype = DTYPES[dtype_name]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(model(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def infer():
+        with torch.no_grad(), autocast:
+            model(x)
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    train_ms = _median_ms(train_step, device, warmup, iters)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    model.eval()
+    infer_ms = _median_ms(infer, device, warmup, iters)
+    return train_ms, infer_ms, peak
+
+
+def profile_training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str,
+                          path: Path, title: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        measure(model, x, target, dtype_name, warmup=0, iters=2)
+    sort_by = "self_cuda_time_total" if x.device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"\n## {title}\n{prof.key_averages().table(sort_by=sort_by, row_limit=30)}\n")
+
+
+def model_specs(args, in_channels: int, classes: int, device: torch.device):
+    """(name, builder) for every row on this device."""
+    arch = dict(dims=(24, 48, 96, 192)) if args.smoke else {}
+    specs = [("reference", lambda: SAUMamba(in_channels, classes, implementation="reference", **arch))]
+    for backend in available_backends(device):
+        specs.append((f"fast/{backend}", lambda b=backend: SAUMamba(in_channels, classes, implementation="fast",
+                                                                     scan_backend=b, **arch)))
+    if args.compile:
+        specs.append(("fast+compile", lambda: torch.compile(SAUMamba(in_channels, classes, **arch))))
+    specs.append(("nnunet_plain", lambda: nnunet_plain_unet(in_channels, classes)))
+    return specs
+
+
+def run(args) -> list[Row]:
+    device = torch.device(args.device)
+    rows = []
+    for shape in args.shapes:
+        batch, channels, size = shape
+        x = torch.randn(batch, channels, size, size, device=device)
+        target = torch.randint(0, args.classes, (batch, size, size), device=device)
+        for dtype_name in args.dtypes:
+            for name, build in model_specs(args, channels, args.classes, device):
+                torch.manual_seed(0)
+                model = build().to(device)
+                params = sum(p.numel() for p in model.parameters()) / 1e6
+                row = Row(f"{batch}x{channels}x{size}x{size}", dtype_name, name, round(params, 2))
+                try:
+                    row.train_ms, row.infer_ms, row.peak_train_gib = measure(model, x, target, dtype_name,
+                                                                             args.warmup, args.iters)
+                    if args.profile:
+                        profile_training_step(model, x, target, dtype_name, args.profile, str(row))
+                except torch.OutOfMemoryError:
+                    row.note = "out of memory"
+                del model
+                rows.append(row)
+                print(format_row(row, rows), flush=True)
+    return rows
+
+
+def _reference_row(row: Row, rows: list[Row]) -> Row | None:
+    return next((r for r in rows if r.shape == row.shape and r.dtype == row.dtype and r.model == "reference"), None)
+
+
+def _ratio(base: float | None, value: float | None) -> str:
+    return f"{base / value:.2f}x" if base and value else "-"
+
+
+def format_row(row: Row, rows: list[Row]) -> str:
+    ref = _reference_row(row, rows) or row
+
+    def fmt(value: float | None, spec: str) -> str:
+        return format(value, spec) if value is not None else "-"
+
+    memory_ratio = (f"{row.peak_train_gib / ref.peak_train_gib:.2f}"
+                    if row.peak_train_gib and ref.peak_train_gib else "-")
+    return (f"| {row.shape} | {row.dtype} | {row.model} | {row.params_m:.2f} | {fmt(row.train_ms, '.1f')} | "
+            f"{_ratio(ref.train_ms, row.train_ms)} | {fmt(row.infer_ms, '.1f')} | "
+            f"{_ratio(ref.infer_ms, row.infer_ms)} | {fmt(row.peak_train_gib, '.2f')} | {memory_ratio} | "
+            f"{row.note} |")
+
+
+HEADER = ("| input | precision | model | params (M) | train step (ms) | train speedup vs reference | "
+          "inference (ms) | inference speedup | peak train memory (GiB) | memory / reference |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="BxCxS entries (square inputs), default 28x3x256 1x1x512 (CUDA)")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
+    parser.add_argument("--classes", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true",
+                        help="leave cudnn.benchmark off (nnU-Net's training turns it on)")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run: narrow network, 1x3x64, fp32, 1 iter")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="also write torch.profiler's top CUDA kernels of a training step per model here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.shapes = args.shapes or ["1x3x64"]
+        args.dtypes = args.dtypes or ["fp32"]
+        args.warmup, args.iters = 0, 1
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ["28x3x256", "1x1x512"])]
+    args.dtypes = args.dtypes or (["fp32", "bf16", "fp16"] if args.device.startswith("cuda") else ["fp32"])
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device: {device_name} | torch {torch.__version__} | scan backends: {available_backends(device)}")
+    print(HEADER)
+    rows = run(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__,
+                                         "rows": [asdict(r) for r in rows]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

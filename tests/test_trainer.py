@@ -1,0 +1,170 @@
+"""Trainer pieces: network from plans, patch rounding, deep supervision, optimiser/scheduler, variants,
+discovery through nnU-Net's own lookup."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
+from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
+from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import nnUNetTrainerSAUMamba
+from nnunetv2_sa_umamba.training.variants.initialization import nnUNetTrainerSAUMambaImageNet
+from nnunetv2_sa_umamba.training.variants.network_architecture import (
+    nnUNetTrainerSAUMambaNoDeepSupervision, nnUNetTrainerSAUMambaReference, nnUNetTrainerSAUMambaRSSSDecoder,
+    nnUNetTrainerVMUNet)
+from nnunetv2_sa_umamba.training.variants.optimizer import nnUNetTrainerSAUMambaSGD
+from nnunetv2_sa_umamba.training.variants.training_length import nnUNetTrainerSAUMamba_300epochs
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def nnunet_folders(tmp_path, monkeypatch):
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    return tmp_path
+
+
+def make_trainer(cls, patch_size=(40, 40), configuration="2d"):
+    plans = json.loads((FIXTURES / "nnUNetPlans_2d.json").read_text())
+    plans["configurations"][configuration]["patch_size"] = list(patch_size)
+    plans["continue_training"] = False
+    dataset_json = json.loads((FIXTURES / "dataset_rgb.json").read_text())
+    return cls(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("planned, rounded", [((40, 40), [64, 64]), ((112, 112), [128, 128]),
+                                              ((20, 128), [32, 128]), ((64, 96), [64, 96])])
+def test_patch_size_is_rounded_up_in_the_saved_plans(nnunet_folders, planned, rounded):
+    trainer = make_trainer(nnUNetTrainerSAUMamba, planned)
+    assert trainer.configuration_manager.patch_size == rounded
+    # the plans that on_train_start saves next to the checkpoint, which --val and nnUNetv2_predict read
+    assert trainer.plans_manager.plans["configurations"]["2d"]["patch_size"] == rounded
+    assert trainer.plans_manager.get_configuration("2d").patch_size == rounded
+
+
+def test_3d_configuration_is_refused(nnunet_folders):
+    plans = json.loads((FIXTURES / "nnUNetPlans_2d.json").read_text())
+    plans["configurations"]["3d_fullres"] = copy.deepcopy(plans["configurations"]["2d"])
+    plans["configurations"]["3d_fullres"]["patch_size"] = [32, 40, 40]
+    plans["continue_training"] = False
+    dataset_json = json.loads((FIXTURES / "dataset_rgb.json").read_text())
+    with pytest.raises(RuntimeError, match="2D network"):
+        nnUNetTrainerSAUMamba(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+
+
+def build_from_trainer(trainer, deep_supervision=True):
+    return type(trainer).build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 3, trainer.label_manager.num_segmentation_heads,
+        deep_supervision)
+
+
+def test_network_from_plans_matches_deep_supervision_targets(nnunet_folders):
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+    trainer = make_trainer(nnUNetTrainerSAUMamba, (40, 72))
+    network = build_from_trainer(trainer).eval()
+    assert isinstance(network, SAUMamba) and network.in_channels == 3 and network.num_classes == 2
+    patch = trainer.configuration_manager.patch_size
+    with torch.no_grad():
+        outputs = network(torch.randn(1, 3, *patch))
+    scales = trainer._get_deep_supervision_scales()
+    targets = DownsampleSegForDSTransform(ds_scales=scales).apply(
+        {"segmentation": torch.zeros(1, *patch)})["segmentation"]
+    assert len(outputs) == len(scales) == len(targets)
+    assert [tuple(o.shape[2:]) for o in outputs] == [tuple(t.shape[1:]) for t in targets]
+
+
+def test_predictor_style_build_loads_training_weights_strictly(nnunet_folders):
+    trainer = make_trainer(nnUNetTrainerSAUMamba)
+    trained = build_from_trainer(trainer, deep_supervision=True)
+    for_inference = nnUNetTrainerSAUMamba.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 3, 2, enable_deep_supervision=False)
+    for_inference.load_state_dict(trained.state_dict(), strict=True)
+    assert isinstance(for_inference(torch.randn(1, 3, 64, 64)), torch.Tensor)
+
+
+def test_deep_supervision_heads_are_frozen_without_deep_supervision(nnunet_folders):
+    trainer = make_trainer(nnUNetTrainerSAUMambaNoDeepSupervision)
+    assert trainer.enable_deep_supervision is False and trainer._get_deep_supervision_scales() is None
+    network = build_from_trainer(trainer, deep_supervision=False)
+    assert not any(p.requires_grad for p in network.deep_supervision_heads.parameters())
+    assert all(p.requires_grad for n, p in network.named_parameters() if not n.startswith("deep_supervision"))
+
+
+def test_set_deep_supervision_toggles_the_network(nnunet_folders):
+    trainer = make_trainer(nnUNetTrainerSAUMamba)
+    trainer.network = build_from_trainer(trainer)
+    trainer.set_deep_supervision_enabled(False)
+    assert trainer.network.deep_supervision is False
+    trainer.set_deep_supervision_enabled(True)
+    assert trainer.network.deep_supervision is True
+
+
+def lrs_over_run(trainer):
+    trainer.network = torch.nn.Linear(2, 2)
+    optimizer, scheduler = trainer.configure_optimizers()
+    lrs = {}
+    for epoch in (0, trainer.num_epochs // 2, trainer.num_epochs):
+        scheduler.step(epoch)
+        lrs[epoch] = optimizer.param_groups[0]["lr"]
+    return optimizer, list(lrs.values())
+
+
+def test_paper_recipe_adamw_with_cosine_to_1e_5(nnunet_folders):
+    trainer = make_trainer(nnUNetTrainerSAUMamba_300epochs)
+    optimizer, (start, middle, end) = lrs_over_run(trainer)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-2
+    assert trainer.num_epochs == 300
+    assert start == pytest.approx(1e-3)
+    assert middle == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
+    assert end == pytest.approx(1e-5)
+
+
+def test_sgd_variant_uses_nnunet_recipe(nnunet_folders):
+    trainer = make_trainer(nnUNetTrainerSAUMambaSGD)
+    optimizer, (start, middle, end) = lrs_over_run(trainer)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["nesterov"]
+    assert start == pytest.approx(1e-2)
+    assert middle == pytest.approx(1e-2 * 0.5 ** 0.9)
+    assert end == pytest.approx(0.0)
+
+
+def test_architecture_variants(nnunet_folders):
+    vm_unet = build_from_trainer(make_trainer(nnUNetTrainerVMUNet))
+    assert not any(isinstance(m, RFAConv) for m in vm_unet.modules())
+    assert sum(p.numel() for n, p in vm_unet.named_parameters() if not n.startswith("deep")) == 27_427_561 - 25 + 50
+    rsss_decoder = build_from_trainer(make_trainer(nnUNetTrainerSAUMambaRSSSDecoder))
+    assert sum(isinstance(m, RFAConv) for m in rsss_decoder.modules()) == 15
+    assert build_from_trainer(make_trainer(nnUNetTrainerSAUMambaReference)).implementation == "reference"
+    assert build_from_trainer(make_trainer(nnUNetTrainerSAUMamba)).implementation == "fast"
+
+
+def test_imagenet_variant_needs_a_readable_checkpoint(nnunet_folders, monkeypatch):
+    monkeypatch.delenv("SAUMAMBA_VMAMBA_CHECKPOINT", raising=False)
+    with pytest.raises(RuntimeError, match="SAUMAMBA_VMAMBA_CHECKPOINT"):
+        make_trainer(nnUNetTrainerSAUMambaImageNet)
+    monkeypatch.setenv("SAUMAMBA_VMAMBA_CHECKPOINT", str(nnunet_folders / "missing.pth"))
+    with pytest.raises(RuntimeError, match="not a readable file"):
+        make_trainer(nnUNetTrainerSAUMambaImageNet)
+
+
+def test_compile_is_off_by_default(nnunet_folders, monkeypatch):
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    assert make_trainer(nnUNetTrainerSAUMamba)._do_i_compile() is False
+
+
+def test_nnunet_finds_every_trainer_through_ext_trainer(monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunetv2_sa_umamba.ext_trainers import trainer_dir
+    monkeypatch.setenv("nnUNet_extTrainer", trainer_dir())
+    for name in ("nnUNetTrainerSAUMamba", "nnUNetTrainerVMUNet", "nnUNetTrainerSAUMambaScaleOnly",
+                 "nnUNetTrainerSAUMambaRFACOnly", "nnUNetTrainerSAUMamba_300epochs", "nnUNetTrainerSAUMambaSGD",
+                 "nnUNetTrainerSAUMambaImageNet", "nnUNetTrainerSAUMambaNoDeepSupervision",
+                 "nnUNetTrainerSAUMambaRSSSDecoder", "nnUNetTrainerSAUMambaReference"):
+        found = recursive_find_trainer_class_by_name(name)
+        assert found.__name__ == name and issubclass(found, nnUNetTrainerSAUMamba)
