@@ -1,0 +1,334 @@
+"""``saumamba_demo``: the whole nnU-Net workflow with SA-UMamba on a generated dataset, in one command.
+
+Steps: generate the demo dataset, ``nnUNetv2_plan_and_preprocess`` (2d), ``nnUNetv2_train`` (fold 0),
+``nnUNetv2_predict`` on the held-out test images, ``nnUNetv2_evaluate_folder`` against their labels, overlay
+PNGs, and a summary with the test Dice next to trivial baselines. nnU-Net's folders (nnUNet_raw,
+nnUNet_preprocessed, nnUNet_results) are set inside the output folder for the subprocesses only, so the
+user's own nnU-Net folders are never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from nnunetv2_sa_umamba.demo.dataset import DEMO_DATASET_ID, FILE_ENDING, dataset_folder_name, generate_demo_dataset
+from nnunetv2_sa_umamba.ext_trainers import trainer_dir
+
+MARKER = ".saumamba_demo.json"
+DEFAULT_TRAINER = "nnUNetTrainerSAUMambaDemo"
+CONFIGURATION = "2d"
+FOLD = "0"
+PLANS = "nnUNetPlans"
+NUM_OVERLAYS = 4
+OVERLAY_SCALE = 4
+TRUTH_COLOUR, PREDICTION_COLOUR = (0, 255, 0), (255, 0, 0)
+
+
+class DemoError(RuntimeError):
+    """A failure with a message meant for the user (printed without a traceback)."""
+
+
+class DemoLayout:
+    """Every path the demo writes, all below ``root``."""
+
+    def __init__(self, root: Path, trainer: str):
+        self.root = root
+        self.marker = root / MARKER
+        self.raw = root / "nnUNet_raw"
+        self.preprocessed = root / "nnUNet_preprocessed"
+        self.results = root / "nnUNet_results"
+        self.dataset = self.raw / dataset_folder_name(DEMO_DATASET_ID)
+        self.plans = self.preprocessed / dataset_folder_name(DEMO_DATASET_ID) / f"{PLANS}.json"
+        self.model = self.results / dataset_folder_name(DEMO_DATASET_ID) / f"{trainer}__{PLANS}__{CONFIGURATION}"
+        self.fold = self.model / f"fold_{FOLD}"
+        self.predictions = root / "test_predictions"
+        self.summary = self.predictions / "summary.json"
+        self.overlays = root / "overlays"
+        self.logs = root / "logs"
+        self.demo_summary = root / "demo_summary.json"
+
+
+def prepare_output_folder(root: Path, keep: bool, params: dict) -> bool:
+    """Create or check the output folder; return True if an existing demo dataset can be reused.
+
+    A folder is only ever deleted or reused if it carries the demo's marker file: anything else is refused.
+    """
+    marker = root / MARKER
+    if root.exists() and not root.is_dir():
+        raise DemoError(f"{root} exists and is not a folder. Choose another output folder with -o.")
+    if root.is_dir() and any(root.iterdir()) and not marker.is_file():
+        raise DemoError(f"{root} exists, is not empty and is not a demo output folder (it has no {MARKER}). "
+                        f"Nothing was changed. Choose another folder with -o, or remove this one yourself.")
+    if marker.is_file() and keep:
+        previous = json.loads(marker.read_text())
+        if previous != params:
+            raise DemoError(f"{root} holds a demo dataset made with {previous}, but this run asks for {params}. "
+                            f"Run without --keep to regenerate it, or pass the same options.")
+        return True
+    if marker.is_file():
+        print(f"Removing the previous demo output in {root} (pass --keep to reuse it).")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(params))
+    return False
+
+
+def nnunet_environment(layout: DemoLayout, device: str) -> dict[str, str]:
+    """Environment for nnU-Net's subprocesses: its three folders inside the demo folder, our trainers."""
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(layout.raw), nnUNet_preprocessed=str(layout.preprocessed),
+               nnUNet_results=str(layout.results), nnUNet_extTrainer=trainer_dir(), PYTHONUNBUFFERED="1")
+    # nnU-Net defaults to 8-12 worker processes; on a small machine they only compete with training.
+    num_workers = str(min(os.cpu_count() or 1, 4))
+    env.setdefault("nnUNet_def_n_proc", num_workers)
+    if device == "cpu":
+        env.setdefault("nnUNet_n_proc_DA", "1")
+        env.setdefault("nnUNet_compile", "false")
+        # augmentation workers stay single-threaded; train/predict set torch's threads themselves on CPU
+        env.setdefault("OMP_NUM_THREADS", "1")
+    else:
+        env.setdefault("nnUNet_n_proc_DA", num_workers)
+    return env
+
+
+def nnunet_command(name: str) -> str:
+    """The console script ``name`` installed next to this Python (the virtualenv's bin folder)."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        raise DemoError(f"{name} was not found next to {sys.executable}. Install nnU-Net and this package into "
+                        f"that environment: pip install -e . (from the repository root).")
+    return str(path)
+
+
+def run_step(title: str, command: list[str], env: dict[str, str], log_file: Path) -> None:
+    """Run ``command``, streaming its output to the console and to ``log_file``; raise DemoError if it fails."""
+    print(f"$ {' '.join(command)}", flush=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "wb") as log, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT) as process:
+        # raw chunks rather than lines, so that progress bars (carriage returns) render as they do in a shell
+        while chunk := process.stdout.read1(4096):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            log.write(chunk)
+        returncode = process.wait()
+    if returncode != 0:
+        raise DemoError(f"Step '{title}' failed (exit code {returncode}). Its full output is in {log_file}.")
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """(H, W) bool foreground mask of a label PNG."""
+    return np.asarray(Image.open(path)) > 0
+
+
+def case_dice(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Foreground Dice as nnU-Net's evaluator computes it: NaN when both masks are empty."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+
+    tp, fp, fn, _ = compute_tp_fp_fn_tn(reference, prediction)
+    return float("nan") if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def baseline_dice(label_files: list[Path]) -> dict[str, float]:
+    """Mean test Dice (NaN cases skipped, as in nnU-Net's summary) of predicting everything as background,
+    and of predicting everything as lesion."""
+    references = [read_mask(f) for f in label_files]
+    return {
+        "all_background": float(np.nanmean([case_dice(r, np.zeros_like(r)) for r in references])),
+        "all_foreground": float(np.nanmean([case_dice(r, np.ones_like(r)) for r in references])),
+    }
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool: a two-pixel-wide inner boundary of ``mask``."""
+    return mask & ~ndimage.binary_erosion(mask, iterations=2)
+
+
+def write_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, path: Path, caption: str,
+                  scale: int = OVERLAY_SCALE) -> None:
+    """Write the image (H, W, 3) uint8 next to a copy with the true (green) and predicted (red) contours;
+    masks (H, W) bool; everything enlarged ``scale`` times."""
+    enlarge = np.ones((scale, scale), dtype=np.uint8)
+    big_image = np.kron(image, enlarge[..., None])
+    overlay = big_image.copy()
+    overlay[_contour(np.kron(truth, enlarge).astype(bool))] = TRUTH_COLOUR
+    overlay[_contour(np.kron(prediction, enlarge).astype(bool))] = PREDICTION_COLOUR
+    panel = np.concatenate([big_image, np.full((big_image.shape[0], 4, 3), 255, np.uint8), overlay], axis=1)
+    caption_height = 14
+    canvas = Image.new("RGB", (panel.shape[1], panel.shape[0] + caption_height), "white")
+    canvas.paste(Image.fromarray(panel), (0, caption_height))
+    ImageDraw.Draw(canvas).text((2, 1), caption, fill="black")
+    canvas.save(path)
+
+
+def write_overlays(layout: DemoLayout, per_case_dice: dict[str, float], count: int = NUM_OVERLAYS) -> list[Path]:
+    """Overlays of the first ``count`` test cases that contain a lesion."""
+    layout.overlays.mkdir(exist_ok=True)
+    written = []
+    for label_file in sorted((layout.dataset / "labelsTs").glob(f"*{FILE_ENDING}")):
+        if len(written) == count:
+            break
+        case = label_file.name[:-len(FILE_ENDING)]
+        truth = read_mask(label_file)
+        if not truth.any():
+            continue
+        image = np.asarray(Image.open(layout.dataset / "imagesTs" / f"{case}_0000{FILE_ENDING}").convert("RGB"))
+        prediction = read_mask(layout.predictions / label_file.name)
+        path = layout.overlays / f"{case}.png"
+        write_overlay(image, truth, prediction, path,
+                      f"{case}  Dice {per_case_dice.get(case, float('nan')):.3f}  (green: truth, red: prediction)")
+        written.append(path)
+    return written
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="saumamba_demo",
+        description="Generate a small lesion dataset, then plan, train SA-UMamba, predict and evaluate it with "
+                    "nnU-Net's own commands. Everything is written below the output folder.")
+    parser.add_argument("-o", "--output", default="demo_output", help="output folder (default: ./demo_output)")
+    parser.add_argument("--trainer", default=DEFAULT_TRAINER,
+                        help=f"nnU-Net trainer class (default: {DEFAULT_TRAINER}, a short schedule)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when a GPU is available, else cpu")
+    parser.add_argument("--num-train", type=int, default=120, help="training cases (default: 120)")
+    parser.add_argument("--num-test", type=int, default=24, help="held-out test cases (default: 24)")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    parser.add_argument("--keep", action="store_true",
+                        help="reuse an existing demo folder: keep its dataset and preprocessing, skip a finished "
+                             "training and continue an interrupted one")
+    return parser.parse_args(argv)
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """All steps; returns the summary that is also written to demo_summary.json."""
+    started = time.time()
+    root = Path(args.output).resolve()
+    layout = DemoLayout(root, args.trainer)
+    params = {"num_train": args.num_train, "num_test": args.num_test, "image_size": args.image_size,
+              "seed": args.seed}
+    reuse = prepare_output_folder(root, args.keep, params)
+    device = resolve_device(args.device)
+    env = nnunet_environment(layout, device)
+    dataset_id = str(DEMO_DATASET_ID)
+    steps = 7
+    timings = {}
+
+    def header(index: int, title: str) -> float:
+        print(f"\n{'=' * 80}\n[{index}/{steps}] {title}\n{'=' * 80}", flush=True)
+        return time.time()
+
+    t = header(1, "Generate the demo dataset")
+    if reuse and (layout.dataset / "dataset.json").is_file():
+        print(f"Reusing {layout.dataset}")
+    else:
+        generate_demo_dataset(layout.raw, args.num_train, args.num_test, args.image_size, args.seed)
+        print(f"Wrote {args.num_train} training and {args.num_test} test cases to {layout.dataset}")
+    timings["dataset"] = time.time() - t
+
+    t = header(2, "Plan and preprocess (nnUNetv2_plan_and_preprocess, 2d)")
+    if reuse and layout.plans.is_file() and (layout.plans.parent / f"{PLANS}_{CONFIGURATION}").is_dir():
+        print(f"Reusing {layout.plans.parent}")
+    else:
+        workers = env["nnUNet_def_n_proc"]
+        run_step("plan and preprocess",
+                 [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", dataset_id, "-c", CONFIGURATION,
+                  "--verify_dataset_integrity", "-np", workers, "-npfp", workers],
+                 env, layout.logs / "2_plan_and_preprocess.log")
+    timings["plan_and_preprocess"] = time.time() - t
+
+    t = header(3, f"Train {args.trainer}, fold {FOLD}, on {device} (nnUNetv2_train)")
+    if reuse and (layout.fold / "checkpoint_final.pth").is_file():
+        print(f"Training already finished: {layout.fold / 'checkpoint_final.pth'}")
+    else:
+        resume = reuse and any((layout.fold / f"checkpoint_{kind}.pth").is_file() for kind in ("latest", "best"))
+        run_step("train", [nnunet_command("nnUNetv2_train"), dataset_id, CONFIGURATION, FOLD, "-tr", args.trainer,
+                           "-device", device] + (["--c"] if resume else []),
+                 env, layout.logs / "3_train.log")
+    timings["train"] = time.time() - t
+
+    t = header(4, "Predict the held-out test images (nnUNetv2_predict)")
+    # Test-time mirroring runs the network 4 times per image: worth it on a GPU, not in a CPU demo.
+    tta = [] if device == "cuda" else ["--disable_tta"]
+    # tiny images: worker processes cost more to start than they save
+    run_step("predict", [nnunet_command("nnUNetv2_predict"), "-i", str(layout.dataset / "imagesTs"),
+                         "-o", str(layout.predictions), "-d", dataset_id, "-c", CONFIGURATION, "-f", FOLD,
+                         "-tr", args.trainer, "-device", device, "-npp", "1", "-nps", "1"] + tta,
+             env, layout.logs / "4_predict.log")
+    timings["predict"] = time.time() - t
+
+    t = header(5, "Evaluate against the test labels (nnUNetv2_evaluate_folder)")
+    workers = env["nnUNet_def_n_proc"]
+    run_step("evaluate", [nnunet_command("nnUNetv2_evaluate_folder"), str(layout.dataset / "labelsTs"),
+                          str(layout.predictions), "-djfile", str(layout.predictions / "dataset.json"),
+                          "-pfile", str(layout.predictions / "plans.json"), "-o", str(layout.summary),
+                          "-np", workers],
+             env, layout.logs / "5_evaluate.log")
+    summary = json.loads(layout.summary.read_text())
+    timings["evaluate"] = time.time() - t
+
+    t = header(6, "Overlays of predicted and true contours")
+    per_case = {Path(c["reference_file"]).name[:-len(FILE_ENDING)]: c["metrics"]["1"]["Dice"]
+                for c in summary["metric_per_case"]}
+    overlays = write_overlays(layout, per_case)
+    for path in overlays:
+        print(path)
+    timings["overlays"] = time.time() - t
+
+    header(7, "Summary")
+    result = {
+        "test_dice": summary["foreground_mean"]["Dice"],
+        "baseline_dice": baseline_dice(sorted((layout.dataset / "labelsTs").glob(f"*{FILE_ENDING}"))),
+        "num_test_cases": len(summary["metric_per_case"]),
+        "trainer": args.trainer, "device": device,
+        "seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(time.time() - started, 1)},
+        "paths": {"dataset": str(layout.dataset), "preprocessed": str(layout.plans.parent),
+                  "model": str(layout.fold), "predictions": str(layout.predictions),
+                  "evaluation": str(layout.summary), "overlays": str(layout.overlays), "logs": str(layout.logs)},
+    }
+    layout.demo_summary.write_text(json.dumps(result, indent=2))
+    print_summary(result)
+    return result
+
+
+def print_summary(result: dict) -> None:
+    for name, path in result["paths"].items():
+        print(f"{name:>13}: {path}")
+    print(f"\nMean test Dice ({result['num_test_cases']} held-out cases, nnU-Net's evaluation): "
+          f"{result['test_dice']:.4f}")
+    print(f"  for comparison, predicting all background: {result['baseline_dice']['all_background']:.4f}, "
+          f"all lesion: {result['baseline_dice']['all_foreground']:.4f}")
+    print(f"Total time: {result['seconds']['total']:.0f} s ({result['device']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run_demo(args)
+    except DemoError as error:
+        print(f"saumamba_demo: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Short schedules for the demo (``saumamba_demo``) and the end-to-end tests; only the run length changes."""
+import torch
+
+from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import nnUNetTrainerSAUMamba
+
+
+class nnUNetTrainerSAUMambaDemo(nnUNetTrainerSAUMamba):
+    """The demo's schedule, measured to keep the whole demo under 15 minutes on a 2-core CPU (docs/DEMO.md)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 20
+        self.num_iterations_per_epoch = 10
+        self.num_val_iterations_per_epoch = 2
+        self.save_every = 5
+
+
+class nnUNetTrainerSAUMamba_tiny(nnUNetTrainerSAUMamba):
+    """Two epochs of two iterations: exercises every stage of nnU-Net's workflow in seconds (tests)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+        self.save_every = 1
