@@ -1,0 +1,130 @@
+"""mamba-ssm's compiled selective-scan kernel as a registered torch op (``cuda`` backend).
+
+The kernel is the top-level extension module ``selective_scan_cuda`` built by mamba-ssm
+(``pip install -e ".[cuda]"``, with ``MAMBA_FORCE_BUILD=TRUE`` and a CUDA toolkit). It is imported
+lazily and on its own: importing the ``mamba_ssm`` package would pull heavy optional dependencies.
+
+Registering forward and backward with ``torch.library.custom_op`` (fake kernels for shapes and an
+autograd formula) lets torch.compile keep the scan inside one graph instead of breaking at the
+pybind call. Kernel facts (mamba-ssm 2.3.2, csrc/selective_scan/selective_scan.cpp):
+``fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> [out, x]`` and
+``bwd(u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softplus, recompute_out_z)
+-> [du, ddelta, dA, dB, dC, dD, ddelta_bias]``. u, delta, B, C (and dout) share one dtype out of
+float32/float16/bfloat16 and need last-dim stride 1; A, D, delta_bias are float32; ``out`` and all
+input gradients come back in the input dtype; ``x`` holds the float32 state at the end of every
+2048-step chunk, (batch, dim, n_chunks, 2 N), and is what the backward needs.
+"""
+import functools
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_CHUNK = 2048  # steps per chunk inside the kernel; sizes the saved states x
+
+
+@functools.cache
+def _import_kernel() -> tuple[ModuleType | None, str]:
+    """(module, "") if ``selective_scan_cuda`` imports, else (None, why it did not)."""
+    try:
+        import selective_scan_cuda  # noqa: PLC0415 - optional compiled extension; torch is imported first
+    except (ImportError, OSError) as err:  # OSError: a missing CUDA runtime library
+        return None, f"{type(err).__name__}: {err}"
+    return selective_scan_cuda, ""
+
+
+def kernel_available() -> bool:
+    """Whether mamba-ssm's ``selective_scan_cuda`` extension can be imported."""
+    return _import_kernel()[0] is not None
+
+
+def kernel_import_error() -> str:
+    """Why ``selective_scan_cuda`` did not import ("" when it did)."""
+    return _import_kernel()[1]
+
+
+def _kernel() -> ModuleType:
+    module, error = _import_kernel()
+    if module is None:
+        raise RuntimeError(f"mamba-ssm's selective_scan_cuda kernel is not importable ({error}).")
+    return module
+
+
+def _last_dim_contiguous(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("saumamba::scan_cuda_fwd", mutates_args=(), device_types="cuda")
+def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+              delta_bias: Tensor | None, delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    """out (batch, dim, L) in u's dtype and the kernel's saved states x (float32)."""
+    u, delta, B, C, D, delta_bias = (_last_dim_contiguous(t) for t in (u, delta, B, C, D, delta_bias))
+    out, x = _kernel().fwd(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
+    return out, x
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
+    b, d, length = u.shape
+    n_chunks = (length + _KERNEL_CHUNK - 1) // _KERNEL_CHUNK
+    # the kernel allocates out with empty_like(delta)
+    return (torch.empty_like(_last_dim_contiguous(delta)),
+            u.new_empty((b, d, n_chunks, 2 * A.shape[1]), dtype=torch.float32))
+
+
+@torch.library.custom_op("saumamba::scan_cuda_bwd", mutates_args=(), device_types="cuda")
+def _scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+              D: Tensor | None, delta_bias: Tensor | None, x: Tensor,
+              delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias); dD, ddelta_bias are empty when D, delta_bias are None."""
+    dout, u, delta, B, C, D, delta_bias = (
+        _last_dim_contiguous(t) for t in (dout, u, delta, B, C, D, delta_bias))
+    du, ddelta, dA, dB, dC, dD, ddelta_bias = _kernel().bwd(
+        u, delta, A, B, C, D, None, delta_bias, dout, x, None, None, delta_softplus, False)
+    # custom ops cannot return None
+    return (du, ddelta, dA, dB, dC, A.new_empty(0) if dD is None else dD,
+            A.new_empty(0) if ddelta_bias is None else ddelta_bias)
+
+
+@_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, delta_bias, x, delta_softplus):
+    u, delta, B, C, D, delta_bias = (_last_dim_contiguous(t) for t in (u, delta, B, C, D, delta_bias))
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), A.new_empty(0) if D is None else torch.empty_like(D),
+            A.new_empty(0) if delta_bias is None else torch.empty_like(delta_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
+    ctx.delta_softplus = delta_softplus
+
+
+def _backward(ctx, dout, _dx):
+    u, delta, A, B, C, D, delta_bias, x = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, ddelta_bias = torch.ops.saumamba.scan_cuda_bwd(
+        dout, u, delta, A, B, C, D, delta_bias, x, ctx.delta_softplus)
+    return (du, ddelta, dA, dB, dC, None if D is None else dD,
+            None if delta_bias is None else ddelta_bias, None)
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                        D: Tensor | None = None, delta_bias: Tensor | None = None,
+                        delta_softplus: bool = False) -> Tensor:
+    """The kernel's scan; y (batch, dim, L) in u's dtype (one of ``KERNEL_DTYPES``).
+
+    delta, B, C are cast to u's dtype and A, D, delta_bias to float32, as the kernel requires.
+    """
+    if u.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the cuda selective-scan kernel takes float32/float16/bfloat16 inputs, got "
+                        f"{u.dtype}; use backend='torch' for other dtypes.")
+    f32 = torch.float32
+    out, _ = torch.ops.saumamba.scan_cuda_fwd(
+        u, delta.to(u.dtype), A.to(f32), B.to(u.dtype), C.to(u.dtype),
+        None if D is None else D.to(f32), None if delta_bias is None else delta_bias.to(f32),
+        delta_softplus)
+    return out

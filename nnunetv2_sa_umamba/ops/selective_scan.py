@@ -1,0 +1,134 @@
+"""The selective scan behind one function, with the backend chosen once and logged once.
+
+Backends (same semantics, mamba-ssm's ``selective_scan_fn`` without ``z``):
+- ``cuda``: mamba-ssm's compiled kernel (``selective_scan_cuda``) as a registered torch op.
+- ``torch``: chunked pure PyTorch with a hand-written backward; any device, float32 state.
+- ``reference``: the step-by-step loop under autograd; for tests, used only when named explicitly.
+
+Choice: the ``backend`` argument, else the environment variable ``SAUMAMBA_SCAN_BACKEND``
+(``auto``, ``cuda`` or ``torch``), else ``auto``: the kernel for CUDA tensors when it imports,
+``torch`` otherwise. Under torch.compile the choice is made once, when the graph is traced.
+"""
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from . import scan_cuda
+from .scan_torch import selective_scan_reference, selective_scan_torch
+
+logger = logging.getLogger("nnunetv2_sa_umamba")
+
+ENV_VAR = "SAUMAMBA_SCAN_BACKEND"
+ENV_CHOICES = ("auto", "cuda", "torch")
+BACKENDS = ("cuda", "torch", "reference")
+COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16)
+INSTALL_HINT = ('install mamba-ssm with its CUDA kernel (torch with CUDA and a CUDA toolkit with nvcc '
+                'needed): MAMBA_FORCE_BUILD=TRUE pip install -e ".[cuda]"')
+_DESCRIPTIONS = {
+    "cuda": "mamba-ssm's selective_scan_cuda kernel",
+    "torch": "chunked pure PyTorch",
+    "reference": "sequential reference loop (slow; meant for tests)",
+}
+_logged: set[str] = set()
+
+
+def available_backends() -> tuple[str, ...]:
+    """Backends that can run on this machine; ``cuda`` needs a GPU and the importable kernel."""
+    gpu_kernel = torch.cuda.is_available() and scan_cuda.kernel_available()
+    return BACKENDS if gpu_kernel else BACKENDS[1:]
+
+
+def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
+    """Name of the backend that scans tensors on ``device``: "cuda", "torch" or "reference".
+
+    ``backend``: "auto", "cuda", "torch", "reference" or None (then ``SAUMAMBA_SCAN_BACKEND``,
+    default "auto"). Raises ValueError for unknown names and RuntimeError when "cuda" cannot run.
+    """
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+        if backend not in ENV_CHOICES:
+            raise ValueError(f"environment variable {ENV_VAR}={os.environ[ENV_VAR]!r} is not one of "
+                             f"{', '.join(ENV_CHOICES)}; set one of those or unset it.")
+    elif backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of "
+                         f"auto, {', '.join(BACKENDS)}.")
+    device = torch.device(device)
+    if backend == "auto":
+        return "cuda" if device.type == "cuda" and scan_cuda.kernel_available() else "torch"
+    if backend == "cuda":
+        problems = []
+        if device.type != "cuda":
+            problems.append(f"the tensors are on {device}, not on a CUDA device")
+        if not scan_cuda.kernel_available():
+            problems.append(f"mamba-ssm's selective_scan_cuda does not import "
+                            f"({scan_cuda.kernel_import_error()})")
+        if problems:
+            raise RuntimeError(f"selective-scan backend 'cuda' cannot run: {'; '.join(problems)}. "
+                               f"To use it, {INSTALL_HINT} and pass CUDA tensors; otherwise use "
+                               f"backend 'torch' or 'auto' (or {ENV_VAR}=torch).")
+    return backend
+
+
+@torch.compiler.assume_constant_result
+def _choose_backend(device: torch.device, backend: str | None) -> str:
+    """resolve_backend plus the one-time log line; a constant for torch.compile."""
+    name = resolve_backend(device, backend)
+    if name not in _logged:
+        _logged.add(name)
+        logger.info("selective scan backend: %s (%s)", name, _DESCRIPTIONS[name])
+    return name
+
+
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                  delta_bias: Tensor | None) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    b, d, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"selective_scan: delta must have u's shape {tuple(u.shape)}, "
+                         f"got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"selective_scan: A must be (dim={d}, N), got shape {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() != 4 or (t.shape[0], t.shape[2], t.shape[3]) != (b, n, length):
+            raise ValueError(f"selective_scan: {name} must be (batch={b}, groups, N={n}, L={length}), "
+                             f"got shape {tuple(t.shape)} (for one group use {name}.unsqueeze(1))")
+    groups = B.shape[1]
+    if C.shape[1] != groups or d % groups:
+        raise ValueError(f"selective_scan: B and C need the same number of groups dividing dim={d}, "
+                         f"got {groups} and {C.shape[1]}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (d,):
+            raise ValueError(f"selective_scan: {name} must be (dim={d},), got shape {tuple(t.shape)}")
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   backend: str | None = None, compute_dtype: torch.dtype | None = None) -> Tensor:
+    """Selective scan y (batch, dim, L), with mamba-ssm's ``selective_scan_fn`` semantics.
+
+    u, delta: (batch, dim, L). A: (dim, N), float32. B, C: (batch, groups, N, L); channel d reads
+    group d // (dim // groups). D, delta_bias: (dim,), float32, optional. Per channel:
+    delta = softplus(delta + delta_bias) if ``delta_softplus``; h_0 = 0;
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t;  y_t = <h_t, C_t> + D * u_t.
+    The state and all sums are float32 whatever the input dtype (float64 inputs: float64).
+
+    ``compute_dtype``: None keeps the inputs as given; torch.float32 or torch.bfloat16 casts u,
+    delta, B and C to it first. The output has u's dtype after that cast, as the kernel returns.
+    Under float16 autocast pass torch.bfloat16 (half the traffic, float32's range) or torch.float32:
+    the kernel's float16 output overflows, as scan outputs reach about 1e6.
+    ``backend``: see the module docstring and ``resolve_backend``.
+    """
+    _check_shapes(u, delta, A, B, C, D, delta_bias)
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"selective_scan: compute_dtype must be None, torch.float32 or "
+                         f"torch.bfloat16, got {compute_dtype}")
+    name = _choose_backend(u.device, backend)
+    if compute_dtype is not None:
+        u, delta, B, C = (t.to(compute_dtype) for t in (u, delta, B, C))
+    impl = {"cuda": scan_cuda.selective_scan_cuda, "torch": selective_scan_torch,
+            "reference": selective_scan_reference}[name]
+    return impl(u, delta, A, B, C, D, delta_bias, delta_softplus)
