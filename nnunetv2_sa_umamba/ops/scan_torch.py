@@ -12,22 +12,28 @@ d // (dim // groups); D, delta_bias (dim,). The state is kept in float32, or flo
 The ``torch`` backend is a ``torch.library.custom_op`` with a hand-written backward. Its forward
 walks the sequence in chunks of ``chunk_len`` steps and keeps only the state at each chunk start;
 its backward recomputes one chunk at a time (as mamba-ssm's kernel does), so memory stays at the
-inputs plus (batch, dim, N) per chunk instead of (batch, dim, N, L) per autograd node. Inside a
+inputs plus one (batch, dim, N) state per chunk, where autograd through a step loop keeps several
+per step. Inside a
 chunk all decays, inputs and gradient terms are computed as whole-chunk tensor ops and only the
 state update itself runs step by step (one fused multiply-add each): on CPU, memory traffic and
-not the op count dominates at SS2D sizes, and log-depth or quadratic in-chunk forms measured
-slower. Every factor exp(delta * A) lies in (0, 1] for A <= 0, so nothing can overflow however
-large delta or L get.
+not the op count dominates at SS2D sizes: in-chunk log-depth (Hillis-Steele) scans measured about
+1.5x slower and quadratic (T x T segment-sum) forms 5x or more. Every factor exp(delta * A) lies
+in (0, 1] for A <= 0, so nothing can overflow however large delta or L get, and no
+exp(+cumsum) or cumsum difference loses precision.
+
+Forward + backward, 2 CPU threads of the H100 host, N=16, groups=4, against the reference:
+(8, 768, 1024) 0.76 s vs 7.5 s; (8, 1536, 256) 0.41 s vs 2.3 s; (2, 128, 1024) 0.05 s vs 0.45 s.
 """
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 # Default chunk length: long chunks save per-chunk op overhead on small tensors, short ones keep the
-# chunk's (T, batch, dim, N) buffers near cache size on large ones (measured on a 2-core CPU).
-# It changes speed and memory only, never results.
+# chunk's (T, batch, dim, N) buffers near cache size on large ones. Measured on 2 CPU threads: 16
+# is fastest for (8, 768 or 1536, N=16) and 64 for (2, 128, 16) or (1, 64, 16). It changes speed
+# and memory only, never results.
 MIN_CHUNK_LEN, MAX_CHUNK_LEN = 16, 64
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def default_chunk_len(batch: int, dim: int, d_state: int) -> int:
@@ -35,7 +41,7 @@ def default_chunk_len(batch: int, dim: int, d_state: int) -> int:
     return max(MIN_CHUNK_LEN, min(MAX_CHUNK_LEN, CHUNK_ELEMENTS // (batch * dim * d_state)))
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype the recurrence runs in for inputs of ``dtype``: float32, or float64 for float64."""
     return torch.promote_types(dtype, torch.float32)
 
@@ -43,7 +49,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,
              delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Cast to the state dtype and apply delta's bias and softplus (differentiable)."""
-    f = state_dtype(u.dtype)
+    f = _state_dtype(u.dtype)
     delta = delta.to(f)
     if delta_bias is not None:
         delta = delta + delta_bias.to(f)[:, None]
