@@ -124,17 +124,13 @@ class _Layout:
         return a, h
 
 
-def _chunk_starts(length: int, chunk_len: int) -> range:
-    return range(0, length, chunk_len)
-
-
 @torch.library.custom_op("saumamba::scan_torch_fwd", mutates_args=())
 def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
               chunk_len: int) -> tuple[Tensor, Tensor]:
     """y = sum_n h * C (batch, dim, L) and the chunk-start states (n_chunks, batch, groups, k, N)."""
     b, d, length = u.shape
     lay = _Layout(u, delta, A, B, C)
-    starts = _chunk_starts(length, chunk_len)
+    starts = range(0, length, chunk_len)
     states = u.new_zeros((len(starts), b, lay.groups, d // lay.groups, A.shape[1]))
     y = u.new_empty((length, b, lay.groups, d // lay.groups))
     for i, s in enumerate(starts):
@@ -174,7 +170,7 @@ def _scan_bwd(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     dC = torch.empty_like(dB)
     dA = torch.zeros_like(lay.A)
     carry = torch.zeros_like(states[0])  # exp(delta_e A) G_e from the chunk after this one
-    starts = _chunk_starts(length, chunk_len)
+    starts = range(0, length, chunk_len)
     for i in reversed(range(len(starts))):
         s = starts[i]
         e = min(s + chunk_len, length)
