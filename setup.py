@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["nnunetv2_sa_umamba", "nnunetv2_sa_umamba.*",
                                     "dataset_conversion", "dataset_conversion.*"]),
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.4",
         "nnunetv2>=2.8.1",
         "einops",
         "SimpleITK",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -33,9 +34,10 @@ from nnunetv2_sa_umamba.ops.selective_scan import available_backends  # noqa: E4
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def nnunet_plain_unet(in_channels: int, num_classes: int) -> nn.Module:
+def nnunet_plain_unet(in_channels: int, num_classes: int, size: int) -> nn.Module:
+    """As nnU-Net's planner builds it for square 2D inputs: pool down to 4x4 (7 stages at 256, 8 at 512)."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
-    n_stages = 7
+    n_stages = int(math.log2(size // 4)) + 1
     return PlainConvUNet(
         in_channels, n_stages, [min(32 * 2 ** i, 512) for i in range(n_stages)], nn.Conv2d, 3,
         [1] + [2] * (n_stages - 1), 2, num_classes, 2, conv_bias=True, norm_op=nn.InstanceNorm2d,
@@ -95,10 +97,14 @@ def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name:
             model(x)
 
     model.train()
+    for _ in range(warmup):
+        train_step()
     if device.type == "cuda":
+        # after warm-up, so that cuDNN's autotuning workspace is not counted
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    train_ms = _median_ms(train_step, device, warmup, iters)
+    train_ms = _median_ms(train_step, device, 0, iters)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     model.eval()
     infer_ms = _median_ms(infer, device, warmup, iters)
@@ -116,17 +122,21 @@ def profile_training_step(model: nn.Module, x: torch.Tensor, target: torch.Tenso
         f.write(f"\n## {title}\n{prof.key_averages().table(sort_by=sort_by, row_limit=30)}\n")
 
 
-def model_specs(args, in_channels: int, classes: int, device: torch.device):
+def scan_backends(device: torch.device) -> list[str]:
+    return [b for b in available_backends() if b != "reference" and (b != "cuda" or device.type == "cuda")]
+
+
+def model_specs(args, in_channels: int, classes: int, size: int, device: torch.device):
     """(name, builder) for every row on this device."""
     arch = dict(dims=(24, 48, 96, 192)) if args.smoke else {}
     specs = [("reference", lambda: SAUMamba(in_channels, classes, implementation="reference", **arch))]
-    for backend in available_backends(device):
+    for backend in scan_backends(device):
         specs.append((f"fast/{backend}", lambda b=backend: SAUMamba(in_channels, classes, implementation="fast",
                                                                      scan_backend=b, **arch)))
     if args.compile:
         specs.append(("fast+compile", lambda: torch.compile(SAUMamba(in_channels, classes, **arch))))
-    specs.append(("nnunet_plain", lambda: nnunet_plain_unet(in_channels, classes)))
-    return specs
+    specs.append(("nnunet_plain", lambda: nnunet_plain_unet(in_channels, classes, size)))
+    return [spec for spec in specs if not args.models or spec[0] in args.models]
 
 
 def run(args) -> list[Row]:
@@ -137,7 +147,7 @@ def run(args) -> list[Row]:
         x = torch.randn(batch, channels, size, size, device=device)
         target = torch.randint(0, args.classes, (batch, size, size), device=device)
         for dtype_name in args.dtypes:
-            for name, build in model_specs(args, channels, args.classes, device):
+            for name, build in model_specs(args, channels, args.classes, size, device):
                 torch.manual_seed(0)
                 model = build().to(device)
                 params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -192,6 +202,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="only these rows (reference, fast/cuda, fast/torch, fast+compile, nnunet_plain)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
                         help="leave cudnn.benchmark off (nnU-Net's training turns it on)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run: narrow network, 1x3x64, fp32, 1 iter")
@@ -213,7 +225,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {device_name} | torch {torch.__version__} | scan backends: {available_backends(device)}")
+    print(f"device: {device_name} | torch {torch.__version__} | scan backends: {scan_backends(device)}")
     print(HEADER)
     rows = run(args)
     if args.json:

@@ -145,3 +145,44 @@ def test_fast_network_matches_reference_network():
 def test_unknown_implementation_is_rejected():
     with pytest.raises(ValueError, match="implementation"):
         SAUMamba(implementation="turbo")
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _run_on_cuda(model: torch.nn.Module, x: torch.Tensor, autocast_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        outputs = model(x)
+        loss = sum((o.float() ** 2).mean() for o in outputs)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return outputs[0].detach().float(), grad
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_full_network_forward_backward_on_cuda(autocast_dtype):
+    """Full-size network on the GPU. In float32 the fast path (mamba-ssm kernel) matches the reference path to
+    float32 tolerance; under autocast (16-bit scan inputs in the fast path, float32 in the reference) both are
+    compared with the float32 result, and the fast path may not be much further from it than the reference."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    reference = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, implementation="reference").to(device)
+    fast = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, implementation="fast").to(device)
+    fast.load_state_dict(reference.state_dict())
+    reference.eval(), fast.eval()
+    x = torch.randn(2, 3, 128, 160, device=device)
+    exact_out, exact_grad = _run_on_cuda(reference, x, None)
+    ref_out, ref_grad = _run_on_cuda(reference, x, autocast_dtype)
+    fast_out, fast_grad = _run_on_cuda(fast, x, autocast_dtype)
+    assert torch.isfinite(fast_out).all() and torch.isfinite(fast_grad).all()
+    errors = {"reference": (_relative_error(ref_out, exact_out), _relative_error(ref_grad, exact_grad)),
+              "fast": (_relative_error(fast_out, exact_out), _relative_error(fast_grad, exact_grad))}
+    print(f"\n[{autocast_dtype}] relative error vs float32 reference (output, gradient): {errors}")
+    if autocast_dtype is None:
+        assert max(errors["fast"]) < 1e-4
+    else:
+        for fast_error, ref_error in zip(errors["fast"], errors["reference"]):
+            assert fast_error < max(2 * ref_error, 1e-2)
