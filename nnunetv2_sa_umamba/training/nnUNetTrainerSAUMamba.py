@@ -8,6 +8,7 @@ import math
 import os
 
 import torch
+import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -92,6 +93,19 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         # wait for their gradients.
         network.deep_supervision_heads.requires_grad_(enable_deep_supervision)
         return network
+
+    def _set_batch_size_and_oversample(self) -> None:
+        if self.is_ddp:
+            # nnU-Net's batch Dice all-gathers per-sample tensors, which needs the same batch on every rank:
+            # with 5 on 2 GPUs (3 + 2) NCCL waits forever. Round the global batch up to a multiple of the ranks.
+            world_size = dist.get_world_size()
+            batch_size = self.configuration_manager.batch_size
+            rounded = math.ceil(batch_size / world_size) * world_size
+            if rounded != batch_size:
+                self.configuration_manager.configuration["batch_size"] = rounded
+                self.print_to_log_file(f"Global batch size {batch_size} rounded up to {rounded} so that each of the "
+                                       f"{world_size} GPUs gets {rounded // world_size}.")
+        super()._set_batch_size_and_oversample()
 
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:
