@@ -42,8 +42,9 @@ _PREFIXES = [
     ("final_conv.", "head."),
     ("patch_embed.", "patch_embed."),
 ]
-# modules the released code builds but never runs
+# modules the released code builds but never runs, and ours that it does not have
 _REFERENCE_UNUSED = re.compile(r"^(iaffs\.|layers_up\.\d+\.new_upsample\.)")
+_OURS_ONLY = re.compile(r"^deep_supervision_heads\.")
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -65,38 +66,33 @@ def _rename(key: str, direction: str) -> str | None:
     return None
 
 
-def reference_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reference (official SA-UMamba / VM-UNet) key names -> ours. Unused reference modules are dropped;
-    a key that matches no rule raises ``KeyError`` so that a foreign checkpoint is never half-read."""
+def _rename_state_dict(state_dict: Mapping[str, torch.Tensor], direction: str, dropped: re.Pattern,
+                       unknown_message: str) -> dict[str, torch.Tensor]:
     out, unknown = {}, []
     for key, value in state_dict.items():
-        if _REFERENCE_UNUSED.match(key):
+        if dropped.match(key):
             continue
-        renamed = _rename(key, "to_ours")
+        renamed = _rename(key, direction)
         if renamed is None:
             unknown.append(key)
         else:
             out[renamed] = value
     if unknown:
-        raise KeyError(f"{len(unknown)} keys are not in the SA-UMamba/VM-UNet reference naming, e.g. {unknown[:5]}")
+        raise KeyError(f"{len(unknown)} keys {unknown_message}, e.g. {unknown[:5]}")
     return out
+
+
+def reference_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reference (official SA-UMamba / VM-UNet) key names -> ours. Unused reference modules are dropped;
+    a key that matches no rule raises ``KeyError`` so that a foreign checkpoint is never half-read."""
+    return _rename_state_dict(state_dict, "to_ours", _REFERENCE_UNUSED,
+                              "are not in the SA-UMamba/VM-UNet reference naming")
 
 
 def ours_to_reference(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our key names -> the reference naming. Deep-supervision heads have no reference counterpart and are
     left out."""
-    out, unknown = {}, []
-    for key, value in state_dict.items():
-        if key.startswith("deep_supervision_heads."):
-            continue
-        renamed = _rename(key, "to_reference")
-        if renamed is None:
-            unknown.append(key)
-        else:
-            out[renamed] = value
-    if unknown:
-        raise KeyError(f"{len(unknown)} keys have no reference name, e.g. {unknown[:5]}")
-    return out
+    return _rename_state_dict(state_dict, "to_reference", _OURS_ONLY, "have no reference name")
 
 
 class CheckpointError(RuntimeError):

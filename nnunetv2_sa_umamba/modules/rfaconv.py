@@ -6,7 +6,9 @@ out     = ReLU(BN(Conv3x3_stride3(rearrange(feature * weight, 'b c (3 3) h w -> 
 
 The last convolution sees each 3x3 block of the rearranged map exactly once, so it equals a 1x1 convolution
 over the 9C channels (c, position) of the un-rearranged product; the ``"fast"`` implementation computes it
-that way and never builds the 3H x 3W map. Parameters: 9C^2 + 111C.
+that way and never builds the 3H x 3W map, and computes the grouped 1x1 conv of the weight branch (one input
+channel per group) as a broadcast multiply. ``"reference"`` runs the released code's operations.
+Parameters: 9C^2 + 111C.
 """
 from __future__ import annotations
 

@@ -124,6 +124,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         return optimizer, CosineToMinLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.min_lr)
 
     def _do_i_compile(self) -> bool:
-        # Off by default: mamba-ssm's pybind kernel breaks the graph at every scan, and compile time would eat
-        # short runs. nnUNet_compile=1 turns it on (the scan is a registered custom op, see ops/).
+        # Off by default. The scan is a registered custom op, so compiling keeps one graph (tested in ops), but
+        # compiling the whole network took over two minutes on an H100 without a measured speedup
+        # (docs/BENCHMARKS.md). nnUNet_compile=1 turns it on, on CUDA only (nnU-Net's 2D CPU compile crashes).
         return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and self.device.type == "cuda"
