@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -172,12 +173,14 @@ def demo(tmp_path_factory):
     """One tiny demo run: (layout, environment for nnU-Net's commands, console output)."""
     root = tmp_path_factory.mktemp("e2e") / "demo"
     layout = DemoLayout(root, TRAINER)
-    env = nnunet_environment(layout, "cpu")
+    # fewest worker processes: at this size starting them (each imports torch) costs more than it saves
+    env = nnunet_environment(layout, "cpu") | {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"}
     # subprocesses import the checkout under test, whether or not it is the installed copy
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     output = _run([BIN / "saumamba_demo", "-o", root, "--trainer", TRAINER, "--num-train", NUM_TRAIN,
                    "--num-test", NUM_TEST, "--image-size", IMAGE_SIZE, "--device", "cpu"], env)
-    return layout, env, output
+    yield layout, env, output
+    shutil.rmtree(root)  # each checkpoint holds 42M parameters plus AdamW state (~0.5 GB)
 
 
 def _finite_dice(summary_file: Path) -> float:
@@ -260,5 +263,7 @@ def test_find_best_configuration_and_export(demo, tmp_path):
     archive = tmp_path / "model.zip"
     _run([BIN / "nnUNetv2_export_model_to_zip", "-d", DEMO_DATASET_ID, "-c", "2d", "-tr", TRAINER, "-f", 0,
           "-o", archive], env)
-    names = zipfile.ZipFile(archive).namelist()
+    with zipfile.ZipFile(archive) as opened:
+        names = opened.namelist()
+    archive.unlink()
     assert any(n.endswith(f"{layout.model.name}/fold_0/checkpoint_final.pth") for n in names)

@@ -40,8 +40,9 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarr
     return noise / (noise.std() + 1e-8)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float image in [0, 255]: skin tone, illumination gradient, mottled texture."""
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(size, size, 3) float image in [0, 255] (skin tone, illumination gradient, mottled texture) and its
+    base colour (3,)."""
     base = np.array([205.0, 160.0, 135.0]) * rng.uniform(0.8, 1.1) + rng.normal(0, 6, 3)
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
     angle = rng.uniform(0, 2 * np.pi)
@@ -49,7 +50,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     vignette = -rng.uniform(0.0, 0.25) * (xx ** 2 + yy ** 2)
     texture = rng.uniform(3, 8) * _smooth_noise(rng, size, sigma=rng.uniform(1.5, 4))
     shading = 1 + gradient + vignette
-    return base[None, None, :] * shading[..., None] + texture[..., None] * np.array([1.0, 0.8, 0.7])
+    return base[None, None, :] * shading[..., None] + texture[..., None] * np.array([1.0, 0.8, 0.7]), base
 
 
 def _blob_mask(rng: np.random.Generator, size: int, centre: np.ndarray, radius: float) -> np.ndarray:
@@ -63,11 +64,12 @@ def _blob_mask(rng: np.random.Generator, size: int, centre: np.ndarray, radius: 
     return np.hypot(dy, dx) <= radius * boundary
 
 
-def _add_lesion(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> None:
-    """Blend a brownish, internally mottled lesion with a soft edge into ``image`` (in place)."""
+def _add_lesion(rng: np.random.Generator, image: np.ndarray, skin: np.ndarray, mask: np.ndarray) -> None:
+    """Blend a brownish, internally mottled lesion with a soft edge into ``image`` (in place). Its colour is
+    relative to the ``skin`` colour (3,), so that even the faintest lesion stays visible."""
     size = image.shape[0]
-    contrast = rng.uniform(0.3, 1.0)
-    lesion_colour = np.array([115.0, 70.0, 50.0]) * rng.uniform(0.6, 1.2) + rng.normal(0, 8, 3)
+    contrast = rng.uniform(0.35, 1.0)
+    lesion_colour = skin * np.array([0.55, 0.45, 0.4]) * rng.uniform(0.8, 1.15) + rng.normal(0, 6, 3)
     mottling = 1 + 0.12 * _smooth_noise(rng, size, sigma=1.5)
     alpha = contrast * ndimage.gaussian_filter(mask.astype(float), rng.uniform(0.5, 1.2))
     target = lesion_colour[None, None, :] * mottling[..., None]
@@ -91,14 +93,14 @@ def _add_distractors(rng: np.random.Generator, image: np.ndarray) -> None:
 
 def synthesize_case(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """One case: image (size, size, 3) uint8 RGB and label (size, size) uint8 in {0, 1}."""
-    image = _background(rng, size)
+    image, skin = _background(rng, size)
     label = np.zeros((size, size), dtype=bool)
     num_lesions = rng.choice(4, p=[0.1, 0.5, 0.3, 0.1])
     for _ in range(num_lesions):
         radius = rng.uniform(0.08, 0.22) * size
         centre = rng.uniform(radius, size - radius, 2)
         mask = _blob_mask(rng, size, centre, radius)
-        _add_lesion(rng, image, mask)
+        _add_lesion(rng, image, skin, mask)
         label |= mask
     _add_distractors(rng, image)
     image += rng.normal(0, rng.uniform(2, 6), image.shape)
@@ -111,7 +113,7 @@ def _write_case(rng: np.random.Generator, size: int, images_dir: Path, labels_di
     Image.fromarray(label, mode="L").save(labels_dir / f"{case_id}{FILE_ENDING}")
 
 
-def generate_demo_dataset(raw_folder: str | Path, num_train: int = 120, num_test: int = 24, image_size: int = 64,
+def generate_demo_dataset(raw_folder: str | Path, num_train: int = 100, num_test: int = 20, image_size: int = 64,
                           seed: int = 0, dataset_id: int = DEMO_DATASET_ID) -> Path:
     """Write the dataset into ``raw_folder/Dataset<ID>_SAUMambaDemo`` and return that folder."""
     if num_train < 5:
@@ -142,8 +144,8 @@ def generate_demo_dataset(raw_folder: str | Path, num_train: int = 120, num_test
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the synthetic SA-UMamba demo dataset in nnU-Net raw format.")
     parser.add_argument("-o", "--raw-folder", required=True, help="nnUNet_raw folder to write the dataset into")
-    parser.add_argument("--num-train", type=int, default=120)
-    parser.add_argument("--num-test", type=int, default=24)
+    parser.add_argument("--num-train", type=int, default=100)
+    parser.add_argument("--num-test", type=int, default=20)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-d", "--dataset-id", type=int, default=DEMO_DATASET_ID)

@@ -209,8 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"nnU-Net trainer class (default: {DEFAULT_TRAINER}, a short schedule)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when a GPU is available, else cpu")
-    parser.add_argument("--num-train", type=int, default=120, help="training cases (default: 120)")
-    parser.add_argument("--num-test", type=int, default=24, help="held-out test cases (default: 24)")
+    parser.add_argument("--num-train", type=int, default=100, help="training cases (default: 100)")
+    parser.add_argument("--num-test", type=int, default=20, help="held-out test cases (default: 20)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
     parser.add_argument("--keep", action="store_true",

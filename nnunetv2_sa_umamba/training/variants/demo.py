@@ -10,10 +10,10 @@ class nnUNetTrainerSAUMambaDemo(nnUNetTrainerSAUMamba):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 20
-        self.num_iterations_per_epoch = 10
+        self.num_epochs = 10
+        self.num_iterations_per_epoch = 12
         self.num_val_iterations_per_epoch = 2
-        self.save_every = 5
+        self.save_every = 4
 
 
 class nnUNetTrainerSAUMamba_tiny(nnUNetTrainerSAUMamba):
