@@ -24,7 +24,8 @@ from PIL import Image
 from nnunetv2_sa_umamba.demo import run as demo_run_module
 from nnunetv2_sa_umamba.demo.dataset import DEMO_DATASET_ID, generate_demo_dataset, synthesize_case
 from nnunetv2_sa_umamba.demo.run import (MARKER, DemoError, DemoLayout, baseline_dice, case_dice,
-                                         nnunet_environment, prepare_output_folder, write_overlay)
+                                         nnunet_environment, prepare_output_folder, resolve_device,
+                                         write_overlay)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -113,6 +114,19 @@ def test_output_folder_is_reused_only_with_keep_and_the_same_options(tmp_path):
     # a demo folder re-run without --keep starts from scratch
     assert prepare_output_folder(root, keep=False, params={**params, "seed": 1}) is False
     assert not (root / "nnUNet_raw").exists()
+
+
+def test_unreadable_marker_is_reported(tmp_path):
+    (tmp_path / MARKER).write_text("{not json")
+    with pytest.raises(DemoError, match="not valid JSON"):
+        prepare_output_folder(tmp_path, keep=True, params={})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_cuda_without_gpu_is_refused():
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(DemoError, match="no CUDA GPU"):
+        resolve_device("cuda")
 
 
 def test_environment_points_nnunet_inside_the_demo_folder(tmp_path, monkeypatch):

@@ -70,7 +70,11 @@ def prepare_output_folder(root: Path, keep: bool, params: dict) -> bool:
         raise DemoError(f"{root} exists, is not empty and is not a demo output folder (it has no {MARKER}). "
                         f"Nothing was changed. Choose another folder with -o, or remove this one yourself.")
     if marker.is_file() and keep:
-        previous = json.loads(marker.read_text())
+        try:
+            previous = json.loads(marker.read_text())
+        except json.JSONDecodeError as error:
+            raise DemoError(f"{marker} is not valid JSON ({error}). Run without --keep to rebuild the demo "
+                            f"folder.") from error
         if previous != params:
             raise DemoError(f"{root} holds a demo dataset made with {previous}, but this run asks for {params}. "
                             f"Run without --keep to regenerate it, or pass the same options.")
@@ -96,8 +100,6 @@ def nnunet_environment(layout: DemoLayout, device: str) -> dict[str, str]:
         env.setdefault("nnUNet_compile", "false")
         # augmentation workers stay single-threaded; train/predict set torch's threads themselves on CPU
         env.setdefault("OMP_NUM_THREADS", "1")
-    else:
-        env.setdefault("nnUNet_n_proc_DA", num_workers)
     return env
 
 
@@ -133,6 +135,7 @@ def read_mask(path: Path) -> np.ndarray:
 
 def case_dice(reference: np.ndarray, prediction: np.ndarray) -> float:
     """Foreground Dice as nnU-Net's evaluator computes it: NaN when both masks are empty."""
+    # imported here, like torch below: both take seconds, and --help and refusals should be instant
     from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 
     tp, fp, fn, _ = compute_tp_fp_fn_tn(reference, prediction)
@@ -192,11 +195,16 @@ def write_overlays(layout: DemoLayout, per_case_dice: dict[str, float], count: i
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
+    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda" without a GPU is an error."""
+    if device == "cpu":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise DemoError("--device cuda was given but torch sees no CUDA GPU. Use --device cpu (or auto).")
+    return "cpu"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -313,8 +321,8 @@ def run_demo(args: argparse.Namespace) -> dict:
 def print_summary(result: dict) -> None:
     for name, path in result["paths"].items():
         print(f"{name:>13}: {path}")
-    print(f"\nMean test Dice ({result['num_test_cases']} held-out cases, nnU-Net's evaluation): "
-          f"{result['test_dice']:.4f}")
+    print(f"\nMean test Dice over {result['num_test_cases']} held-out cases (nnU-Net's evaluation; images with "
+          f"neither a lesion nor a prediction do not count): {result['test_dice']:.4f}")
     print(f"  for comparison, predicting all background: {result['baseline_dice']['all_background']:.4f}, "
           f"all lesion: {result['baseline_dice']['all_foreground']:.4f}")
     print(f"Total time: {result['seconds']['total']:.0f} s ({result['device']})")
