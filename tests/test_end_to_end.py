@@ -24,8 +24,8 @@ from PIL import Image
 from nnunetv2_sa_umamba.demo import run as demo_run_module
 from nnunetv2_sa_umamba.demo.dataset import DEMO_DATASET_ID, generate_demo_dataset, synthesize_case
 from nnunetv2_sa_umamba.demo.run import (MARKER, DemoError, DemoLayout, baseline_dice, case_dice,
-                                         nnunet_environment, prepare_output_folder, resolve_device,
-                                         write_overlay)
+                                         nnunet_environment, predict_command, prepare_output_folder,
+                                         resolve_device, train_command, write_overlay)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -136,6 +136,16 @@ def test_environment_points_nnunet_inside_the_demo_folder(tmp_path, monkeypatch)
         assert Path(env[name]).parent == tmp_path
     assert Path(env["nnUNet_extTrainer"], "saumamba_trainers.py").is_file()
     assert env["nnUNet_compile"] == "false"
+
+
+def test_commands_follow_the_device_and_resume_state(tmp_path):
+    layout = DemoLayout(tmp_path, TRAINER)
+    assert "--disable_tta" in predict_command(layout, TRAINER, "cpu")
+    assert "--disable_tta" not in predict_command(layout, TRAINER, "cuda")
+    fresh, resumed = train_command(TRAINER, "cpu", resume=False), train_command(TRAINER, "cpu", resume=True)
+    assert Path(fresh[0]).name == "nnUNetv2_train" and Path(fresh[0]).parent == BIN
+    assert fresh[1:] == [str(DEMO_DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"]
+    assert resumed == fresh + ["--c"]
 
 
 def test_baseline_dice_follows_nnunet_conventions():

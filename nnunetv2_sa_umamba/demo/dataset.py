@@ -123,7 +123,8 @@ def generate_demo_dataset(raw_folder: str | Path, num_train: int = 100, num_test
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
     folder = Path(raw_folder) / dataset_folder_name(dataset_id)
-    for split, stream, count, prefix in (("Tr", TRAIN_STREAM, num_train, "case"), ("Ts", TEST_STREAM, num_test, "test")):
+    splits = (("Tr", TRAIN_STREAM, num_train, "case"), ("Ts", TEST_STREAM, num_test, "test"))
+    for split, stream, count, prefix in splits:
         images_dir, labels_dir = folder / f"images{split}", folder / f"labels{split}"
         images_dir.mkdir(parents=True, exist_ok=True)
         labels_dir.mkdir(parents=True, exist_ok=True)

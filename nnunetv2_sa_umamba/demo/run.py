@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from nnunetv2_sa_umamba.demo.dataset import DEMO_DATASET_ID, FILE_ENDING, dataset_folder_name, generate_demo_dataset
+from nnunetv2_sa_umamba.demo.dataset import (DEMO_DATASET_ID, FILE_ENDING, LABELS, dataset_folder_name,
+                                             generate_demo_dataset)
 from nnunetv2_sa_umamba.ext_trainers import trainer_dir
 
 MARKER = ".saumamba_demo.json"
@@ -227,6 +228,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def plan_command(env: dict[str, str]) -> list[str]:
+    workers = env["nnUNet_def_n_proc"]
+    return [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DEMO_DATASET_ID), "-c", CONFIGURATION,
+            "--verify_dataset_integrity", "-np", workers, "-npfp", workers]
+
+
+def train_command(trainer: str, device: str, resume: bool) -> list[str]:
+    return [nnunet_command("nnUNetv2_train"), str(DEMO_DATASET_ID), CONFIGURATION, FOLD, "-tr", trainer,
+            "-device", device] + (["--c"] if resume else [])
+
+
+def predict_command(layout: DemoLayout, trainer: str, device: str) -> list[str]:
+    # Test-time mirroring runs the network 4 times per image: worth it on a GPU, not in a CPU demo.
+    tta = [] if device == "cuda" else ["--disable_tta"]
+    # one preprocessing and one export worker: for tiny images, more cost more to start than they save
+    return [nnunet_command("nnUNetv2_predict"), "-i", str(layout.dataset / "imagesTs"), "-o", str(layout.predictions),
+            "-d", str(DEMO_DATASET_ID), "-c", CONFIGURATION, "-f", FOLD, "-tr", trainer, "-device", device,
+            "-npp", "1", "-nps", "1"] + tta
+
+
+def evaluate_command(layout: DemoLayout, env: dict[str, str]) -> list[str]:
+    return [nnunet_command("nnUNetv2_evaluate_folder"), str(layout.dataset / "labelsTs"), str(layout.predictions),
+            "-djfile", str(layout.predictions / "dataset.json"), "-pfile", str(layout.predictions / "plans.json"),
+            "-o", str(layout.summary), "-np", env["nnUNet_def_n_proc"]]
+
+
+class _Steps:
+    """Numbered step headers and per-step wall times."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.seconds = total, 0, {}
+
+    def start(self, key: str, title: str) -> None:
+        self.index += 1
+        self.key, self.started = key, time.time()
+        print(f"\n{'=' * 80}\n[{self.index}/{self.total}] {title}\n{'=' * 80}", flush=True)
+
+    def done(self) -> None:
+        self.seconds[self.key] = round(time.time() - self.started, 1)
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     """All steps; returns the summary that is also written to demo_summary.json."""
     started = time.time()
@@ -237,78 +279,55 @@ def run_demo(args: argparse.Namespace) -> dict:
     reuse = prepare_output_folder(root, args.keep, params)
     device = resolve_device(args.device)
     env = nnunet_environment(layout, device)
-    dataset_id = str(DEMO_DATASET_ID)
-    steps = 7
-    timings = {}
+    steps = _Steps(total=7)
 
-    def header(index: int, title: str) -> float:
-        print(f"\n{'=' * 80}\n[{index}/{steps}] {title}\n{'=' * 80}", flush=True)
-        return time.time()
-
-    t = header(1, "Generate the demo dataset")
+    steps.start("dataset", "Generate the demo dataset")
     if reuse and (layout.dataset / "dataset.json").is_file():
         print(f"Reusing {layout.dataset}")
     else:
         generate_demo_dataset(layout.raw, args.num_train, args.num_test, args.image_size, args.seed)
         print(f"Wrote {args.num_train} training and {args.num_test} test cases to {layout.dataset}")
-    timings["dataset"] = time.time() - t
+    steps.done()
 
-    t = header(2, "Plan and preprocess (nnUNetv2_plan_and_preprocess, 2d)")
+    steps.start("plan_and_preprocess", f"Plan and preprocess (nnUNetv2_plan_and_preprocess, {CONFIGURATION})")
     if reuse and layout.plans.is_file() and (layout.plans.parent / f"{PLANS}_{CONFIGURATION}").is_dir():
         print(f"Reusing {layout.plans.parent}")
     else:
-        workers = env["nnUNet_def_n_proc"]
-        run_step("plan and preprocess",
-                 [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", dataset_id, "-c", CONFIGURATION,
-                  "--verify_dataset_integrity", "-np", workers, "-npfp", workers],
-                 env, layout.logs / "2_plan_and_preprocess.log")
-    timings["plan_and_preprocess"] = time.time() - t
+        run_step("plan and preprocess", plan_command(env), env, layout.logs / "2_plan_and_preprocess.log")
+    steps.done()
 
-    t = header(3, f"Train {args.trainer}, fold {FOLD}, on {device} (nnUNetv2_train)")
+    steps.start("train", f"Train {args.trainer}, fold {FOLD}, on {device} (nnUNetv2_train)")
     if reuse and (layout.fold / "checkpoint_final.pth").is_file():
         print(f"Training already finished: {layout.fold / 'checkpoint_final.pth'}")
     else:
         resume = reuse and any((layout.fold / f"checkpoint_{kind}.pth").is_file() for kind in ("latest", "best"))
-        run_step("train", [nnunet_command("nnUNetv2_train"), dataset_id, CONFIGURATION, FOLD, "-tr", args.trainer,
-                           "-device", device] + (["--c"] if resume else []),
-                 env, layout.logs / "3_train.log")
-    timings["train"] = time.time() - t
+        run_step("train", train_command(args.trainer, device, resume), env, layout.logs / "3_train.log")
+    steps.done()
 
-    t = header(4, "Predict the held-out test images (nnUNetv2_predict)")
-    # Test-time mirroring runs the network 4 times per image: worth it on a GPU, not in a CPU demo.
-    tta = [] if device == "cuda" else ["--disable_tta"]
-    # tiny images: worker processes cost more to start than they save
-    run_step("predict", [nnunet_command("nnUNetv2_predict"), "-i", str(layout.dataset / "imagesTs"),
-                         "-o", str(layout.predictions), "-d", dataset_id, "-c", CONFIGURATION, "-f", FOLD,
-                         "-tr", args.trainer, "-device", device, "-npp", "1", "-nps", "1"] + tta,
-             env, layout.logs / "4_predict.log")
-    timings["predict"] = time.time() - t
+    steps.start("predict", "Predict the held-out test images (nnUNetv2_predict)")
+    run_step("predict", predict_command(layout, args.trainer, device), env, layout.logs / "4_predict.log")
+    steps.done()
 
-    t = header(5, "Evaluate against the test labels (nnUNetv2_evaluate_folder)")
-    workers = env["nnUNet_def_n_proc"]
-    run_step("evaluate", [nnunet_command("nnUNetv2_evaluate_folder"), str(layout.dataset / "labelsTs"),
-                          str(layout.predictions), "-djfile", str(layout.predictions / "dataset.json"),
-                          "-pfile", str(layout.predictions / "plans.json"), "-o", str(layout.summary),
-                          "-np", workers],
-             env, layout.logs / "5_evaluate.log")
+    steps.start("evaluate", "Evaluate against the test labels (nnUNetv2_evaluate_folder)")
+    run_step("evaluate", evaluate_command(layout, env), env, layout.logs / "5_evaluate.log")
     summary = json.loads(layout.summary.read_text())
-    timings["evaluate"] = time.time() - t
+    steps.done()
 
-    t = header(6, "Overlays of predicted and true contours")
-    per_case = {Path(c["reference_file"]).name[:-len(FILE_ENDING)]: c["metrics"]["1"]["Dice"]
+    steps.start("overlays", "Overlays of predicted and true contours")
+    lesion = str(LABELS["lesion"])
+    per_case = {Path(c["reference_file"]).name[:-len(FILE_ENDING)]: c["metrics"][lesion]["Dice"]
                 for c in summary["metric_per_case"]}
-    overlays = write_overlays(layout, per_case)
-    for path in overlays:
+    for path in write_overlays(layout, per_case):
         print(path)
-    timings["overlays"] = time.time() - t
+    steps.done()
 
-    header(7, "Summary")
+    steps.start("summary", "Summary")
     result = {
         "test_dice": summary["foreground_mean"]["Dice"],
         "baseline_dice": baseline_dice(sorted((layout.dataset / "labelsTs").glob(f"*{FILE_ENDING}"))),
         "num_test_cases": len(summary["metric_per_case"]),
         "trainer": args.trainer, "device": device,
-        "seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(time.time() - started, 1)},
+        "seconds": {**steps.seconds, "total": round(time.time() - started, 1)},
         "paths": {"dataset": str(layout.dataset), "preprocessed": str(layout.plans.parent),
                   "model": str(layout.fold), "predictions": str(layout.predictions),
                   "evaluation": str(layout.summary), "overlays": str(layout.overlays), "logs": str(layout.logs)},

@@ -6,7 +6,7 @@ from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import nnUNetTrainerSAUMa
 
 class nnUNetTrainerSAUMambaDemo(nnUNetTrainerSAUMamba):
     """The demo's schedule: 14 x 12 iterations. The whole demo took 9 minutes on a 2-core CPU with test Dice
-    0.89; longer runs past 15 minutes when other jobs share the cores (docs/DEMO.md)."""
+    0.89; it can take longer than 15 minutes when other jobs share the cores (docs/DEMO.md)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
