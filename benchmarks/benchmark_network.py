@@ -5,7 +5,8 @@ Every row is measured in one run on one device with the same batch, so ratios ar
   fast/<scan>    our fast path with each available selective-scan backend
   fast+compile   the fast path under torch.compile (only with --compile)
   nnunet_plain   nnU-Net's PlainConvUNet as nnU-Net plans it for 256x256 2D input (7 stages, 32..512)
-A training step is forward + cross-entropy + backward + AdamW step (fp16 with a GradScaler, as nnU-Net trains);
+A training step is forward + cross-entropy + backward + AdamW step (fp16 with a GradScaler, as nnU-Net trains;
+the fast path's trainer uses fused AdamW on CUDA, the reference the released code's default AdamW);
 inference is a no-grad forward in eval mode. Deep supervision is off for every network.
 
     python benchmarks/benchmark_network.py                       # CUDA, batch 28 x 3 x 256 x 256 and 1 x 512 x 512
@@ -76,11 +77,12 @@ def _median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
 
 
 def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str, warmup: int,
-            iters: int) -> tuple[float, float, float | None]:
+            iters: int, fused_optimizer: bool = False) -> tuple[float, float, float | None]:
     device = x.device
     dtype = DTYPES[dtype_name]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2,
+                                  fused=fused_optimizer and device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -112,11 +114,11 @@ def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name:
 
 
 def profile_training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str,
-                          path: Path, title: str) -> None:
+                          path: Path, title: str, fused_optimizer: bool) -> None:
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        measure(model, x, target, dtype_name, warmup=0, iters=2)
+        measure(model, x, target, dtype_name, warmup=0, iters=2, fused_optimizer=fused_optimizer)
     sort_by = "self_cuda_time_total" if x.device.type == "cuda" else "self_cpu_time_total"
     with open(path, "a") as f:
         f.write(f"\n## {title}\n{prof.key_averages().table(sort_by=sort_by, row_limit=30)}\n")
@@ -153,10 +155,12 @@ def run(args) -> list[Row]:
                 params = sum(p.numel() for p in model.parameters()) / 1e6
                 row = Row(f"{batch}x{channels}x{size}x{size}", dtype_name, name, round(params, 2))
                 try:
+                    # each row trains with its trainer's optimizer: fused AdamW for the fast path on CUDA
+                    fused = name.startswith("fast")
                     row.train_ms, row.infer_ms, row.peak_train_gib = measure(model, x, target, dtype_name,
-                                                                             args.warmup, args.iters)
+                                                                             args.warmup, args.iters, fused)
                     if args.profile:
-                        profile_training_step(model, x, target, dtype_name, args.profile, str(row))
+                        profile_training_step(model, x, target, dtype_name, args.profile, str(row), fused)
                 except torch.OutOfMemoryError:
                     row.note = "out of memory"
                 del model

@@ -97,6 +97,5 @@ class RSSSBlock(nn.Module):
         z = self._scaled(x, self.scale1) + self.drop_path(self.ss2d(self.norm1(x)))
         if self.rfac is None:
             return z
-        # contiguous NCHW: cuDNN's grouped 3x3 conv inside RFAConv is ~4x slower on channels_last memory
-        attention = self.rfac(self.norm2(z).permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+        attention = self.rfac(self.norm2(z), channels_last=True)
         return self._scaled(z, self.scale2) + attention

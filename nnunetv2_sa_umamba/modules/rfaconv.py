@@ -7,7 +7,9 @@ out     = ReLU(BN(Conv3x3_stride3(rearrange(feature * weight, 'b c (3 3) h w -> 
 The last convolution sees each 3x3 block of the rearranged map exactly once, so it equals a 1x1 convolution
 over the 9C channels (c, position) of the un-rearranged product; the ``"fast"`` implementation computes it
 that way and never builds the 3H x 3W map, and computes the grouped 1x1 conv of the weight branch (one input
-channel per group) as a broadcast multiply. ``"reference"`` runs the released code's operations.
+channel per group) as a broadcast multiply. On CUDA (with Triton) ``"fast"`` runs the whole chain up to the
+last BatchNorm as fused kernels that keep only the input for the backward (ops/rfaconv_fused.py).
+``"reference"`` runs the released code's operations.
 Parameters: 9C^2 + 111C.
 """
 from __future__ import annotations
@@ -18,12 +20,13 @@ from einops import rearrange
 from torch import nn
 
 from nnunetv2_sa_umamba.modules.ss2d import check_implementation
+from nnunetv2_sa_umamba.ops import rfaconv_fused
 
 KERNEL_POSITIONS = 9
 
 
 class RFAConv(nn.Module):
-    """(B, C, H, W) -> (B, C, H, W)."""
+    """(B, C, H, W) -> (B, C, H, W); with ``channels_last=True`` (B, H, W, C) -> (B, H, W, C)."""
 
     def __init__(self, channels: int, implementation: str = "fast"):
         super().__init__()
@@ -37,7 +40,22 @@ class RFAConv(nn.Module):
         self.out_conv = nn.Conv2d(channels, channels, 3, stride=3, bias=True)
         self.out_norm = nn.BatchNorm2d(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        if channels_last:
+            return self._forward_channels_last(x)
+        if self.implementation == "fast" and rfaconv_fused.use_fused(x):
+            return self._forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._forward_unfused(x)
+
+    def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        if self.implementation == "fast" and rfaconv_fused.use_fused(x):
+            # the permuted view is channels_last memory, which BatchNorm2d handles without a copy
+            out = rfaconv_fused.rfaconv_chain(self, x).permute(0, 3, 1, 2)
+            return F.relu(self.out_norm(out)).permute(0, 2, 3, 1)
+        # contiguous NCHW: cuDNN's grouped 3x3 conv is ~4x slower on channels_last memory
+        return self._forward_unfused(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+
+    def _forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         feature = F.relu(self.feature_norm(self.feature_conv(x))).view(b, c, KERNEL_POSITIONS, h, w)
         if self.implementation == "reference":

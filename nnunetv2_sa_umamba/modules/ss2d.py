@@ -4,8 +4,9 @@ Two implementations of the same math, chosen per module with ``implementation``:
 
 - ``"reference"``: the released code's operations (stacked/flipped cross-scan copies, einsum projections,
   float32 scan inputs). Every speedup is measured against it.
-- ``"fast"``: the same values computed with fewer copies (broadcast matmuls instead of einsums, one
-  preallocated cross-scan buffer) and, under autocast, 16-bit scan inputs. The scan keeps its state in
+- ``"fast"``: the same values computed with fewer copies (broadcast matmuls instead of einsums; on CUDA the
+  cross-scan and cross-merge as one Triton kernel each, ops/cross_scan_triton.py, elsewhere one preallocated
+  cross-scan buffer) and, under autocast, 16-bit scan inputs. The scan keeps its state in
   float32 either way; fp16 autocast runs the scan with bfloat16 inputs because the kernel's fp16 output
   overflows (scan outputs reach ~1e6).
 """
@@ -16,8 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nnunetv2_sa_umamba.ops.selective_scan import selective_scan
+from nnunetv2_sa_umamba.ops.triton_dispatch import use_triton
 
 IMPLEMENTATIONS = ("reference", "fast")
 NUM_DIRECTIONS = 4
@@ -45,6 +48,47 @@ def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
     forward_and_reversed = ys[:, :2] + ys[:, 2:].flip(-1)
     column_major = forward_and_reversed[:, 1].view(b, d, w, h).transpose(2, 3).reshape(b, d, length)
     return forward_and_reversed[:, 0] + column_major
+
+
+def _triton_cross_scan():
+    from nnunetv2_sa_umamba.ops import cross_scan_triton
+    return cross_scan_triton
+
+
+class _CrossScanFused(torch.autograd.Function):
+    """(B, H, W, D) -> (B, 4, D, H*W) in ``dtype``; the backward is the cross-merge of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.x_dtype, ctx.hw = x.dtype, x.shape[1:3]
+        return _triton_cross_scan().cross_scan(x.contiguous(), dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _triton_cross_scan().cross_merge(grad.contiguous(), *ctx.hw, ctx.x_dtype), None
+
+
+class _CrossMergeFused(torch.autograd.Function):
+    """(B, 4, D, H*W) -> (B, H, W, D); the backward is the cross-scan of the gradient."""
+
+    @staticmethod
+    def forward(ctx, ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        ctx.ys_dtype = ys.dtype
+        return _triton_cross_scan().cross_merge(ys.contiguous(), h, w, ys.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _triton_cross_scan().cross_scan(grad.contiguous(), ctx.ys_dtype), None, None
+
+
+@torch.compiler.disable
+def _cross_scan_fused(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _CrossScanFused.apply(x, dtype)
+
+
+@torch.compiler.disable
+def _cross_merge_fused(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return _CrossMergeFused.apply(ys, h, w)
 
 
 def _scan_dtype(x: torch.Tensor) -> torch.dtype:
@@ -93,11 +137,17 @@ class SS2D(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)
         if self.implementation == "reference":
             y = self._forward_core_reference(self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous())))
-        else:
-            # the channel-last permute is channels_last memory: cuDNN's depthwise conv is ~2x faster on it
-            y = self._forward_core_fast(self.act(self.conv2d(x.permute(0, 3, 1, 2))))
-        y = self.out_norm(y) * F.silu(z)
-        return self.out_proj(y)
+            return self.out_proj(self._gate(y, z))
+        # the channel-last permute is channels_last memory: cuDNN's depthwise conv is ~2x faster on it
+        y = self._forward_core_fast(self.act(self.conv2d(x.permute(0, 3, 1, 2))))
+        if torch.is_grad_enabled():
+            # recomputed in the backward: keeps y and z (16-bit under autocast) instead of the float32 norm
+            # and the gate
+            return self.out_proj(checkpoint(self._gate, y, z, use_reentrant=False))
+        return self.out_proj(self._gate(y, z))
+
+    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.out_norm(y) * F.silu(z)
 
     def _scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = -torch.exp(self.A_logs.float())
@@ -130,9 +180,11 @@ class SS2D(nn.Module):
         b, d, h, w = x.shape
         length, k = h * w, NUM_DIRECTIONS
         dtype = _scan_dtype(x)
+        fused = use_triton(x, NUM_DIRECTIONS * x.numel())
         # projections run in the scan dtype itself: fp16 autocast would otherwise add cast copies
         with torch.autocast(x.device.type, enabled=False):
-            xs = cross_scan(x.to(dtype))
+            # the conv's output is channels_last memory, so the permute is free
+            xs = _cross_scan_fused(x.permute(0, 2, 3, 1), dtype) if fused else cross_scan(x.to(dtype))
             # per-direction projections as broadcast batched matmuls: no einsum permute copies
             x_dbl = torch.matmul(self.x_proj_weight.to(dtype), xs)
             dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
@@ -142,4 +194,6 @@ class SS2D(nn.Module):
             xs.view(b, k * d, length), dts.view(b, k * d, length), a, bs.contiguous(), cs.contiguous(), ds,
             delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
         ).view(b, k, d, length)
+        if fused:
+            return _cross_merge_fused(ys, h, w)
         return cross_merge(ys, h, w).view(b, d, h, w).permute(0, 2, 3, 1)

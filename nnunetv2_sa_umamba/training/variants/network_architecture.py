@@ -30,6 +30,7 @@ class nnUNetTrainerSAUMambaReference(nnUNetTrainerSAUMamba):
     """The released code's operations (float32 scan inputs, einsum projections, rearranged RFAConv): same
     values, slower. Weights are interchangeable with the default trainer's."""
     implementation = "reference"
+    fused_optimizer = False
 
 
 class nnUNetTrainerSAUMambaNoDeepSupervision(nnUNetTrainerSAUMamba):

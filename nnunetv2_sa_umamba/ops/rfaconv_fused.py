@@ -1,0 +1,119 @@
+"""RFAConv's conv-BN-ReLU-softmax-product-conv chain as one autograd op over the Triton kernels
+(ops/rfaconv_triton.py); ops/triton_dispatch.py decides when it runs."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from nnunetv2_sa_umamba.ops.triton_dispatch import ENV_VAR, use_triton  # noqa: F401 (ENV_VAR re-exported)
+
+POSITIONS = 9
+
+
+@functools.cache
+def _kernels():
+    from nnunetv2_sa_umamba.ops import rfaconv_triton
+    return rfaconv_triton
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """Whether RFAConv runs the fused kernels on ``x`` (B, H, W, C) or (B, C, H, W)."""
+    return use_triton(x, x.numel() * POSITIONS)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _RFAConvChain(torch.autograd.Function):
+    """(B, H, W, C) -> (B, H, W, C): everything of RFAConv up to and including the stride-3 conv's bias.
+
+    Parameters and statistics come in the kernels' layout (rfaconv_triton.py): wf (9, 9, C), wc, gamma, beta,
+    mean, rstd (9, C), w_out (C, 9C) with column k * C + c."""
+
+    @staticmethod
+    def forward(ctx, x, wf, wc, gamma, beta, w_out, b_out, mean, rstd, batch_stats: bool,
+                compute_dtype: torch.dtype):
+        kernels = _kernels()
+        scale = (gamma.float() * rstd).contiguous()
+        shift = (beta.float() - mean * scale).contiguous()
+        weighted = kernels.weighted_features(x, wf, wc, scale, shift, compute_dtype)
+        out = torch.addmm(b_out.to(compute_dtype), weighted, w_out.to(compute_dtype).t())
+        ctx.save_for_backward(x, wf, wc, gamma, w_out, mean, rstd, scale, shift)
+        ctx.batch_stats, ctx.compute_dtype = batch_stats, compute_dtype
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kernels = _kernels()
+        x, wf, wc, gamma, w_out, mean, rstd, scale, shift = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        n = x.numel() // x.shape[-1]
+        grad_out = grad_out.reshape(n, x.shape[-1]).to(dtype)
+        weighted = kernels.weighted_features(x, wf, wc, scale, shift, dtype)  # recomputed, never stored
+        grad_w_out = (grad_out.t() @ weighted).float()
+        del weighted
+        grad_b_out = grad_out.float().sum(0)
+        # dL/dweighted in the (P, 9, C) layout that the kernels read
+        grad_weighted = grad_out @ w_out.to(dtype)
+        grad_pooled, grad_y_sum, grad_y_f_sum, grad_wc = kernels.backward_reduce(x, wf, wc, scale, shift,
+                                                                                 grad_weighted)
+        gamma = gamma.float()
+        grad_gamma = rstd * (grad_y_f_sum - mean * grad_y_sum)  # sum of dL/dy * normalised f
+        grad_beta = grad_y_sum
+        coef_y = gamma * rstd
+        if ctx.batch_stats:  # the mean and variance depend on f too
+            coef_f = -gamma * rstd * rstd * grad_gamma / n
+            coef_1 = -coef_y * grad_beta / n - coef_f * mean
+        else:
+            coef_f = coef_1 = torch.zeros_like(coef_y)
+        grad_f, grad_wf = kernels.backward_features(x, wf, wc, scale, shift, grad_weighted, coef_y.contiguous(),
+                                                    coef_f.contiguous(), coef_1.contiguous())
+        del grad_weighted
+        grad_x = kernels.backward_input(x, wf, grad_f, grad_pooled)
+        return (grad_x, grad_wf, grad_wc, grad_gamma, grad_beta, grad_w_out, grad_b_out, None, None, None, None)
+
+
+def _batch_norm_statistics(bn: nn.BatchNorm2d, x: torch.Tensor, wf: torch.Tensor):
+    """Mean and 1/std (each (9, C)) that ``bn`` normalises f with, updating its running statistics as
+    nn.BatchNorm2d does. ``bn``'s channel c * 9 + k is entry (k, c)."""
+    c = x.shape[-1]
+    batch_stats = bn.training or not bn.track_running_stats
+    if not batch_stats:
+        mean, var = (v.float().view(c, POSITIONS).t() for v in (bn.running_mean, bn.running_var))
+        return mean.contiguous(), (var + bn.eps).rsqrt().contiguous(), False
+    n = x.numel() // c
+    with torch.no_grad():
+        total, total_sq = _kernels().feature_statistics(x, wf)
+        mean = total / n
+        var = (total_sq / n - mean * mean).clamp_min(0)
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - momentum).add_(mean.t().reshape(-1), alpha=momentum)
+            bn.running_var.mul_(1 - momentum).add_(var.t().reshape(-1) * (n / max(n - 1, 1)), alpha=momentum)
+    return mean, (var + bn.eps).rsqrt(), True
+
+
+def _kernel_layout(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """A per-(c, k) parameter of the module (index c * 9 + k first) as (9, C), differentiably."""
+    return weight.reshape(channels, POSITIONS, -1).transpose(0, 1).squeeze(-1).contiguous()
+
+
+@torch.compiler.disable
+def rfaconv_chain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RFAConv ``module``'s output before its last BatchNorm and ReLU, for channel-last ``x`` (B, H, W, C)."""
+    c = module.channels
+    x = x.contiguous()
+    # (c, k, tap) -> (tap, k, c); (c_out, c, k) -> (c_out, k, c): small copies that autograd differentiates
+    wf = module.feature_conv.weight.view(c, POSITIONS, 9).permute(2, 1, 0).contiguous()
+    w_out = module.out_conv.weight.view(c, c, POSITIONS).transpose(1, 2).reshape(c, POSITIONS * c)
+    bn = module.feature_norm
+    mean, rstd, batch_stats = _batch_norm_statistics(bn, x, wf.detach().float())
+    return _RFAConvChain.apply(x, wf, _kernel_layout(module.weight_conv.weight, c), _kernel_layout(bn.weight, c),
+                               _kernel_layout(bn.bias, c), w_out, module.out_conv.bias, mean, rstd, batch_stats,
+                               _compute_dtype(x))

@@ -1,0 +1,46 @@
+"""Whether the fused Triton kernels (RFAConv chain, SS2D cross-scan/merge) run, for one environment variable.
+
+``SAUMAMBA_FUSED_KERNELS``:
+- ``auto`` (default): the Triton kernels for CUDA tensors when Triton imports, PyTorch operations otherwise;
+- ``triton``: always the kernels (also on CPU tensors under ``TRITON_INTERPRET=1``, which the tests use);
+- ``torch``: never the kernels.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+ENV_VAR = "SAUMAMBA_FUSED_KERNELS"
+CHOICES = ("auto", "triton", "torch")
+# the kernels index tensors with 32-bit offsets
+MAX_ELEMENTS = 2 ** 31 - 1
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor, largest_tensor_elements: int) -> bool:
+    """Whether the fused kernels run on ``x``, whose largest tensor in the op has that many elements."""
+    choice = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"environment variable {ENV_VAR}={os.environ[ENV_VAR]!r} is not one of "
+                         f"{', '.join(CHOICES)}; set one of those or unset it.")
+    if choice == "torch" or largest_tensor_elements > MAX_ELEMENTS:
+        return False
+    if choice == "auto":
+        return x.is_cuda and triton_importable()
+    if not triton_importable():
+        raise RuntimeError(f"{ENV_VAR}=triton but Triton is not installed; pip install triton, or unset {ENV_VAR}.")
+    if not (x.is_cuda or _interpreted()):
+        raise RuntimeError(f"{ENV_VAR}=triton needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on "
+                           f"the CPU, slowly); got a {x.device.type} tensor.")
+    return True

@@ -1,0 +1,150 @@
+"""RFAConv's fused Triton chain against the released code's operations (forward, every gradient, BN statistics).
+
+On a CPU machine the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py);
+on a GPU the same tests run the compiled kernels, plus a full-size bf16 check marked ``cuda``.
+"""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
+from nnunetv2_sa_umamba.modules.rfaconv import RFAConv  # noqa: E402
+from nnunetv2_sa_umamba.ops import rfaconv_fused  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setenv(rfaconv_fused.ENV_VAR, "triton")
+
+
+def _pair(channels: int, seed: int = 0):
+    torch.manual_seed(seed)
+    fast = RFAConv(channels, implementation="fast").to(DEVICE)
+    with torch.no_grad():  # non-trivial BN affine parameters and running statistics
+        for bn in (fast.feature_norm, fast.out_norm):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    reference = copy.deepcopy(fast)
+    reference.implementation = "reference"
+    return fast, reference
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _run(module, x, grad, channels_last):
+    x = x.clone().requires_grad_()
+    y = module(x, channels_last=channels_last)
+    y.backward(grad)
+    return y, x.grad, {name: p.grad for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 16), (1, 5, 5, 20), (3, 1, 6, 8)])
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_matches_reference(fused, shape, train):
+    """Channel counts not a multiple of the kernels' block, one-row images, train and eval BN."""
+    fast, reference = _pair(shape[-1])
+    fast.train(train)
+    reference.train(train)
+    x = torch.randn(shape, device=DEVICE)
+    grad = torch.randn(shape, device=DEVICE)
+    y_fast, gx_fast, grads_fast = _run(fast, x, grad, channels_last=True)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(rfaconv_fused.ENV_VAR, "torch")
+        y_ref, gx_ref, grads_ref = _run(reference, x, grad, channels_last=True)
+    assert _max_rel(y_fast, y_ref) < 1e-5
+    assert _max_rel(gx_fast, gx_ref) < 1e-5
+    scale = max(g.abs().max().item() for g in grads_ref.values())
+    for name, g_ref in grads_ref.items():
+        # the stride-3 conv's bias feeds a BatchNorm, so its true gradient is 0: compare on the common scale
+        assert (grads_fast[name] - g_ref).abs().max().item() <= 1e-5 * scale, name
+    for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fast.feature_norm, buffer), getattr(reference.feature_norm, buffer),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_nchw_interface_matches_channels_last(fused):
+    fast, _ = _pair(16)
+    x = torch.randn(2, 6, 7, 16, device=DEVICE)
+    torch.testing.assert_close(fast(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), fast(x, channels_last=True))
+
+
+def test_network_with_fused_rfaconv_matches_unfused(fused, monkeypatch):
+    """The whole network, fused vs unfused RFAConv (same SS2D path), output and every parameter gradient.
+    (float32 matmuls are full precision by default; cuDNN convolutions need TF32 turned off.)"""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    fast = SAUMamba(3, 2, dims=(16, 32, 64, 128), drop_path_rate=0.0, scan_backend="torch").to(DEVICE)
+    unfused = copy.deepcopy(fast)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    y_fast = fast(x)
+    y_fast.square().mean().backward()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(rfaconv_fused.ENV_VAR, "torch")
+        y_ref = unfused(x)
+        y_ref.square().mean().backward()
+    assert _max_rel(y_fast, y_ref) < 1e-4
+    checked = 0
+    for (name, p_fast), (_, p_ref) in zip(fast.named_parameters(), unfused.named_parameters()):
+        if p_ref.grad is not None and p_ref.grad.abs().max() > 0 and "out_conv.bias" not in name:
+            assert _max_rel(p_fast.grad, p_ref.grad) < 1e-3, name
+            checked += 1
+    assert checked > 100
+
+
+def test_backend_choice(monkeypatch):
+    x = torch.zeros(1, 4, 4, 8, device=DEVICE)
+    monkeypatch.setenv(rfaconv_fused.ENV_VAR, "torch")
+    assert not rfaconv_fused.use_fused(x)
+    monkeypatch.setenv(rfaconv_fused.ENV_VAR, "auto")
+    assert rfaconv_fused.use_fused(x) == (DEVICE.type == "cuda")
+    monkeypatch.setenv(rfaconv_fused.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="SAUMAMBA_FUSED_KERNELS"):
+        rfaconv_fused.use_fused(x)
+    monkeypatch.setenv(rfaconv_fused.ENV_VAR, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu_x = x.cpu()
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        rfaconv_fused.use_fused(cpu_x)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_full_size_on_cuda(dtype, monkeypatch):
+    """Stage-1 size of the 28 x 256 x 256 batch: the fused chain and the released code's operations, each
+    against a float64 run of the released operations; the fused chain must be at least as close (within 2x)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    fast, reference = _pair(96)
+    exact = copy.deepcopy(reference).double()
+    x = torch.randn(28, 64, 64, 96, device="cuda")
+    grad = torch.randn_like(x)
+    autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+    with autocast:
+        fused_result = _run(fast, x, grad, channels_last=True)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(rfaconv_fused.ENV_VAR, "torch")
+        with autocast:
+            reference_result = _run(reference, x, grad, channels_last=True)
+        exact_result = _run(exact, x.double(), grad.double(), channels_last=True)
+
+    def errors(result):
+        y, gx, grads = result
+        out = {"output": _max_rel(y.double(), exact_result[0]), "input grad": _max_rel(gx.double(), exact_result[1])}
+        out.update({name: _max_rel(g.double(), exact_result[2][name]) for name, g in grads.items()
+                    if "out_conv.bias" not in name})
+        return out
+
+    fused_errors, reference_errors = errors(fused_result), errors(reference_result)
+    for name, label in ((fused_errors, "fused"), (reference_errors, "released ops")):
+        print(f"\n{dtype} {label} vs float64: " + ", ".join(f"{k} {v:.1e}" for k, v in name.items()))
+    floor = 1e-5 if dtype == torch.float32 else 1e-3
+    for key, value in fused_errors.items():
+        assert value <= max(2 * reference_errors[key], floor), (key, value, reference_errors[key])
