@@ -28,7 +28,8 @@ setup(
     extras_require={
         # mamba-ssm compiles its CUDA kernels at install time; install torch with CUDA first.
         "cuda": ["mamba-ssm>=2.2.2"],
-        "test": ["pytest"],
+        # triton runs the fused kernels on the CPU in its interpreter for the tests (CUDA builds of torch ship it)
+        "test": ["pytest", "triton>=3.0; platform_system == \"Linux\""],
     },
     entry_points={
         "console_scripts": [

@@ -17,7 +17,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from nnunetv2_sa_umamba.ops.selective_scan import selective_scan
 from nnunetv2_sa_umamba.ops.triton_dispatch import use_triton
@@ -137,17 +136,11 @@ class SS2D(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)
         if self.implementation == "reference":
             y = self._forward_core_reference(self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous())))
-            return self.out_proj(self._gate(y, z))
-        # the channel-last permute is channels_last memory: cuDNN's depthwise conv is ~2x faster on it
-        y = self._forward_core_fast(self.act(self.conv2d(x.permute(0, 3, 1, 2))))
-        if torch.is_grad_enabled():
-            # recomputed in the backward: keeps y and z (16-bit under autocast) instead of the float32 norm
-            # and the gate
-            return self.out_proj(checkpoint(self._gate, y, z, use_reentrant=False))
-        return self.out_proj(self._gate(y, z))
-
-    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.out_norm(y) * F.silu(z)
+        else:
+            # the channel-last permute is channels_last memory: cuDNN's depthwise conv is ~2x faster on it
+            y = self._forward_core_fast(self.act(self.conv2d(x.permute(0, 3, 1, 2))))
+        y = self.out_norm(y) * F.silu(z)
+        return self.out_proj(y)
 
     def _scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = -torch.exp(self.A_logs.float())
