@@ -16,3 +16,22 @@ def test_benchmark_smoke_mode_writes_all_rows(tmp_path):
     assert [r["model"] for r in rows] == ["reference", "fast/torch", "nnunet_plain"]
     assert all(r["train_ms"] > 0 and r["infer_ms"] > 0 for r in rows)
     assert "| 1x3x64x64 | fp32 | reference |" in result.stdout
+
+
+def test_block_benchmark_smoke_mode_covers_every_module(tmp_path):
+    out = tmp_path / "blocks.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_blocks.py"), "--smoke",
+                             "--device", "cpu", "--implementations", "reference", "fast", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    for implementation in ("reference", "fast"):
+        mine = [r for r in rows if r["implementation"] == implementation]
+        counts = {}
+        for r in mine:
+            counts[r["module"]] = counts.get(r["module"], 0) + r["count"]
+        # 8 RSSS encoder blocks and 7 VSS decoder blocks: 15 SS2Ds and scans, 8 RFAConvs
+        assert counts["SS2D"] == counts["selective_scan (in SS2D)"] == 15
+        assert counts["RFAConv"] == 8 and counts["RSSSBlock"] == 8 and counts["VSSBlock"] == 7
+        assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] >= 0 for r in mine)
+    assert "| fast | RFAConv |" in result.stdout

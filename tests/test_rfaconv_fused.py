@@ -13,13 +13,14 @@ pytest.importorskip("triton")
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv  # noqa: E402
 from nnunetv2_sa_umamba.ops import rfaconv_fused  # noqa: E402
+from nnunetv2_sa_umamba.ops.triton_dispatch import ENV_VAR  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture
 def fused(monkeypatch):
-    monkeypatch.setenv(rfaconv_fused.ENV_VAR, "triton")
+    monkeypatch.setenv(ENV_VAR, "triton")
 
 
 def _pair(channels: int, seed: int = 0):
@@ -58,7 +59,7 @@ def test_fused_matches_reference(fused, shape, train):
     grad = torch.randn(shape, device=DEVICE)
     y_fast, gx_fast, grads_fast = _run(fast, x, grad, channels_last=True)
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(rfaconv_fused.ENV_VAR, "torch")
+        env.setenv(ENV_VAR, "torch")
         y_ref, gx_ref, grads_ref = _run(reference, x, grad, channels_last=True)
     assert _max_rel(y_fast, y_ref) < 1e-5
     assert _max_rel(gx_fast, gx_ref) < 1e-5
@@ -88,7 +89,7 @@ def test_network_with_fused_rfaconv_matches_unfused(fused, monkeypatch):
     y_fast = fast(x)
     y_fast.square().mean().backward()
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(rfaconv_fused.ENV_VAR, "torch")
+        env.setenv(ENV_VAR, "torch")
         y_ref = unfused(x)
         y_ref.square().mean().backward()
     assert _max_rel(y_fast, y_ref) < 1e-4
@@ -100,16 +101,30 @@ def test_network_with_fused_rfaconv_matches_unfused(fused, monkeypatch):
     assert checked > 100
 
 
+def test_half_precision_module_gets_half_gradients(fused):
+    """A module converted with .half() (no autocast): outputs close to float32, gradients in the params' dtype."""
+    fast, _ = _pair(16)
+    half = copy.deepcopy(fast).half()
+    x = torch.randn(2, 5, 6, 16, device=DEVICE)
+    grad = torch.randn_like(x)
+    y32, gx32, _ = _run(fast, x, grad, channels_last=True)
+    y16, gx16, grads16 = _run(half, x.half(), grad.half(), channels_last=True)
+    assert y16.dtype == gx16.dtype == torch.float16
+    assert all(g.dtype == torch.float16 and torch.isfinite(g).all() for g in grads16.values())
+    assert _max_rel(y16.float(), y32) < 1e-2
+    assert _max_rel(gx16.float(), gx32) < 2e-2
+
+
 def test_backend_choice(monkeypatch):
     x = torch.zeros(1, 4, 4, 8, device=DEVICE)
-    monkeypatch.setenv(rfaconv_fused.ENV_VAR, "torch")
+    monkeypatch.setenv(ENV_VAR, "torch")
     assert not rfaconv_fused.use_fused(x)
-    monkeypatch.setenv(rfaconv_fused.ENV_VAR, "auto")
+    monkeypatch.setenv(ENV_VAR, "auto")
     assert rfaconv_fused.use_fused(x) == (DEVICE.type == "cuda")
-    monkeypatch.setenv(rfaconv_fused.ENV_VAR, "fastest")
+    monkeypatch.setenv(ENV_VAR, "fastest")
     with pytest.raises(ValueError, match="SAUMAMBA_FUSED_KERNELS"):
         rfaconv_fused.use_fused(x)
-    monkeypatch.setenv(rfaconv_fused.ENV_VAR, "triton")
+    monkeypatch.setenv(ENV_VAR, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cpu_x = x.cpu()
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
@@ -130,7 +145,7 @@ def test_fused_full_size_on_cuda(dtype, monkeypatch):
     with autocast:
         fused_result = _run(fast, x, grad, channels_last=True)
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(rfaconv_fused.ENV_VAR, "torch")
+        env.setenv(ENV_VAR, "torch")
         with autocast:
             reference_result = _run(reference, x, grad, channels_last=True)
         exact_result = _run(exact, x.double(), grad.double(), channels_last=True)

@@ -124,6 +124,18 @@ def test_paper_recipe_adamw_with_cosine_to_1e_5(nnunet_folders):
     assert end == pytest.approx(1e-5)
 
 
+@pytest.mark.parametrize("cls, fused_on_cuda", [(nnUNetTrainerSAUMamba, True),
+                                                  (nnUNetTrainerSAUMambaReference, False)])
+def test_adamw_is_fused_on_cuda_for_the_fast_path_only(nnunet_folders, cls, fused_on_cuda):
+    trainer = make_trainer(cls)
+    assert cls.fused_optimizer is fused_on_cuda
+    optimizer, _ = lrs_over_run(trainer)
+    assert not optimizer.defaults["fused"]  # never on the CPU
+    trainer.device = torch.device("cuda")  # only the flag is read; torch's fused AdamW also accepts CPU tensors
+    optimizer, _ = trainer.configure_optimizers()
+    assert bool(optimizer.defaults["fused"]) is fused_on_cuda
+
+
 def test_sgd_variant_uses_nnunet_recipe(nnunet_folders):
     trainer = make_trainer(nnUNetTrainerSAUMambaSGD)
     optimizer, (start, middle, end) = lrs_over_run(trainer)

@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import nn
 
-from nnunetv2_sa_umamba.ops.triton_dispatch import ENV_VAR, use_triton  # noqa: F401 (ENV_VAR re-exported)
+from nnunetv2_sa_umamba.ops.triton_dispatch import use_triton
 
 POSITIONS = 9
 
@@ -45,6 +45,7 @@ class _RFAConvChain(torch.autograd.Function):
         out = torch.addmm(b_out.to(compute_dtype), weighted, w_out.to(compute_dtype).t())
         ctx.save_for_backward(x, wf, wc, gamma, w_out, mean, rstd, scale, shift)
         ctx.batch_stats, ctx.compute_dtype = batch_stats, compute_dtype
+        ctx.grad_dtypes = [t.dtype for t in (x, wf, wc, gamma, beta, w_out, b_out)]
         return out.view(x.shape)
 
     @staticmethod
@@ -75,7 +76,8 @@ class _RFAConvChain(torch.autograd.Function):
                                                     coef_f.contiguous(), coef_1.contiguous())
         del grad_weighted
         grad_x = kernels.backward_input(x, wf, grad_f, grad_pooled)
-        return (grad_x, grad_wf, grad_wc, grad_gamma, grad_beta, grad_w_out, grad_b_out, None, None, None, None)
+        grads = (grad_x, grad_wf, grad_wc, grad_gamma, grad_beta, grad_w_out, grad_b_out)
+        return tuple(g.to(dtype) for g, dtype in zip(grads, ctx.grad_dtypes)) + (None,) * 4
 
 
 def _batch_norm_statistics(bn: nn.BatchNorm2d, x: torch.Tensor, wf: torch.Tensor):
