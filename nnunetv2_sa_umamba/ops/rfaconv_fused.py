@@ -92,6 +92,7 @@ def _batch_norm_statistics(bn: nn.BatchNorm2d, x: torch.Tensor, wf: torch.Tensor
     with torch.no_grad():
         total, total_sq = _kernels().feature_statistics(x, wf)
         mean = total / n
+        # float32 sums: exact enough unless |mean| is far above the standard deviation of f
         var = (total_sq / n - mean * mean).clamp_min(0)
         if bn.training and bn.track_running_stats:
             bn.num_batches_tracked.add_(1)

@@ -35,7 +35,7 @@ CONFIGS = {
 
 
 # Every tensor inside the kernels is rank 3, (positions, k, channels), with size-1 axes where a value does not
-# depend on one: broadcasting then never needs a layout conversion through shared memory.
+# depend on one, so that all of them broadcast against each other without reshapes.
 
 
 @triton.jit
