@@ -115,6 +115,42 @@ def test_half_precision_module_gets_half_gradients(fused):
     assert _max_rel(gx16.float(), gx32) < 2e-2
 
 
+def test_single_value_per_channel_is_refused_before_statistics_change(fused):
+    fast, _ = _pair(8)
+    before = {k: v.clone() for k, v in fast.feature_norm.state_dict().items()}
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fast(torch.randn(1, 1, 1, 8, device=DEVICE), channels_last=True)
+    for key, value in fast.feature_norm.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_eval_output_survives_a_training_step_before_its_backward(fused):
+    """With one channel the running mean's (9, 1) view is already contiguous: the saved copy must not alias it."""
+    fast, _ = _pair(1)
+    x = torch.randn(2, 4, 4, 1, device=DEVICE, requires_grad=True)
+    fast.eval()
+    y_eval = fast(x, channels_last=True)
+    fast.train()
+    fast(x, channels_last=True)  # updates the running statistics in place
+    y_eval.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_fallbacks_to_pytorch_operations(fused):
+    fast, _ = _pair(8)
+    x = torch.randn(2, 4, 4, 8, device=DEVICE)
+    assert rfaconv_fused.use_fused(x, fast)
+    assert not rfaconv_fused.use_fused(x.double(), fast)  # the kernels accumulate in float32
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not rfaconv_fused.use_fused(x, fast)  # the kernels reduce with atomic adds
+    finally:
+        torch.use_deterministic_algorithms(False)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fast))
+    assert not rfaconv_fused.use_fused(x, synced)  # multi-GPU statistics stay synchronised
+    assert rfaconv_fused.use_fused(x, synced.eval())
+
+
 def test_backend_choice(monkeypatch):
     x = torch.zeros(1, 4, 4, 8, device=DEVICE)
     monkeypatch.setenv(ENV_VAR, "torch")

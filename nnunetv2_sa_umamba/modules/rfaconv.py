@@ -43,12 +43,12 @@ class RFAConv(nn.Module):
     def forward(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         if channels_last:
             return self._forward_channels_last(x)
-        if self.implementation == "fast" and rfaconv_fused.use_fused(x):
+        if self.implementation == "fast" and rfaconv_fused.use_fused(x, self):
             return self._forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self._forward_unfused(x)
 
     def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        if self.implementation == "fast" and rfaconv_fused.use_fused(x):
+        if self.implementation == "fast" and rfaconv_fused.use_fused(x, self):
             # the permuted view is channels_last memory, which BatchNorm2d handles without a copy
             out = rfaconv_fused.rfaconv_chain(self, x).permute(0, 3, 1, 2)
             return F.relu(self.out_norm(out)).permute(0, 2, 3, 1)

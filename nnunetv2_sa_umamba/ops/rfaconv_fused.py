@@ -18,8 +18,15 @@ def _kernels():
     return rfaconv_triton
 
 
-def use_fused(x: torch.Tensor) -> bool:
-    """Whether RFAConv runs the fused kernels on ``x`` (B, H, W, C) or (B, C, H, W)."""
+def use_fused(x: torch.Tensor, module: nn.Module | None = None) -> bool:
+    """Whether RFAConv ``module`` runs the fused kernels on ``x`` (B, H, W, C) or (B, C, H, W).
+
+    Not under torch.use_deterministic_algorithms (the kernels reduce with atomic adds), and not for a
+    SyncBatchNorm in training (multi-GPU: its statistics and gradient sums are synchronised across GPUs)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    if module is not None and isinstance(module.feature_norm, nn.SyncBatchNorm) and module.feature_norm.training:
+        return False
     return use_triton(x, x.numel() * POSITIONS)
 
 
@@ -86,9 +93,13 @@ def _batch_norm_statistics(bn: nn.BatchNorm2d, x: torch.Tensor, wf: torch.Tensor
     c = x.shape[-1]
     batch_stats = bn.training or not bn.track_running_stats
     if not batch_stats:
+        # a copy: the backward keeps it, and the buffer may change before then
         mean, var = (v.float().view(c, POSITIONS).t() for v in (bn.running_mean, bn.running_var))
-        return mean.contiguous(), (var + bn.eps).rsqrt().contiguous(), False
+        return mean.clone(memory_format=torch.contiguous_format), (var + bn.eps).rsqrt().contiguous(), False
     n = x.numel() // c
+    if n == 1:  # as nn.BatchNorm2d, and before any running statistic changes
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{[1, c * POSITIONS, 1, 1]}")
     with torch.no_grad():
         total, total_sq = _kernels().feature_statistics(x, wf)
         mean = total / n

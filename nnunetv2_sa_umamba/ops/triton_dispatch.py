@@ -17,6 +17,8 @@ ENV_VAR = "SAUMAMBA_FUSED_KERNELS"
 CHOICES = ("auto", "triton", "torch")
 # the kernels index tensors with 32-bit offsets
 MAX_ELEMENTS = 2 ** 31 - 1
+# they accumulate in float32, so float64 keeps PyTorch's operations
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -34,7 +36,7 @@ def use_triton(x: torch.Tensor, largest_tensor_elements: int) -> bool:
     if choice not in CHOICES:
         raise ValueError(f"environment variable {ENV_VAR}={os.environ[ENV_VAR]!r} is not one of "
                          f"{', '.join(CHOICES)}; set one of those or unset it.")
-    if choice == "torch" or largest_tensor_elements > MAX_ELEMENTS:
+    if choice == "torch" or largest_tensor_elements > MAX_ELEMENTS or x.dtype not in KERNEL_DTYPES:
         return False
     if choice == "auto":
         return x.is_cuda and triton_importable()
