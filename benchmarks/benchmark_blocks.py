@@ -115,6 +115,7 @@ def measure_implementation(args, implementation: str, device: torch.device) -> l
     x = torch.randn(batch, channels, size, size, device=device)
     rows = []
     for (name, shape, kwargs, module), count in captured_inputs(model, x, autocast).items():
+        first_new = len(rows)
         inp = torch.randn(shape, device=device, requires_grad=True)
 
         def run_module(t, module=module, kwargs=dict(kwargs)):
@@ -136,8 +137,8 @@ def measure_implementation(args, implementation: str, device: torch.device) -> l
 
             fwd, fwd_bwd, held = time_module(run_scan, tensors, device, args.warmup, args.iters)
             rows.append(Row(implementation, "selective_scan (in SS2D)", shape_text, count, fwd, fwd_bwd, held))
-        print(format_row(rows[-1]) if name != "SS2D" else format_row(rows[-2]) + "\n" + format_row(rows[-1]),
-              flush=True)
+        for row in rows[first_new:]:
+            print(format_row(row), flush=True)
     return rows
 
 

@@ -41,19 +41,19 @@ class RFAConv(nn.Module):
         self.out_norm = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        if channels_last:
-            return self._forward_channels_last(x)
         if self.implementation == "fast" and rfaconv_fused.use_fused(x, self):
-            return self._forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            out = self._forward_fused(x if channels_last else x.permute(0, 2, 3, 1))
+            return out if channels_last else out.permute(0, 3, 1, 2)
+        if channels_last:
+            # contiguous NCHW: cuDNN's grouped 3x3 conv is ~4x slower on channels_last memory
+            return self._forward_unfused(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
         return self._forward_unfused(x)
 
-    def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        if self.implementation == "fast" and rfaconv_fused.use_fused(x, self):
-            # the permuted view is channels_last memory, which BatchNorm2d handles without a copy
-            out = rfaconv_fused.rfaconv_chain(self, x).permute(0, 3, 1, 2)
-            return F.relu(self.out_norm(out)).permute(0, 2, 3, 1)
-        # contiguous NCHW: cuDNN's grouped 3x3 conv is ~4x slower on channels_last memory
-        return self._forward_unfused(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        # the permuted view is channels_last memory, which BatchNorm2d handles without a copy
+        out = rfaconv_fused.rfaconv_chain(self, x).permute(0, 3, 1, 2)
+        return F.relu(self.out_norm(out)).permute(0, 2, 3, 1)
 
     def _forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -12,6 +12,7 @@ Two implementations of the same math, chosen per module with ``implementation``:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,6 +50,7 @@ def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return forward_and_reversed[:, 0] + column_major
 
 
+@functools.cache
 def _triton_cross_scan():
     from nnunetv2_sa_umamba.ops import cross_scan_triton
     return cross_scan_triton

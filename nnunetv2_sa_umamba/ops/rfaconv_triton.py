@@ -91,6 +91,16 @@ def _softmax_weights(pooled, wc_ptr, offs_k, index_kc, mask_kc):
 
 
 @triton.jit
+def _recompute(x_ptr, wf_ptr, wc_ptr, scale, shift, b, h, w, offs_c, offs_k, mask_p, mask_c, index_kc, mask_kc,
+               H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """From x: f, the pooled input, the softmax weights and their wc, and the batch-norm output y."""
+    f, pooled = _features(x_ptr, wf_ptr, b, h, w, offs_c, mask_p, mask_c, index_kc, mask_kc, H, W, C,
+                          BLOCK_P, BLOCK_C, BLOCK_K)
+    s, wc = _softmax_weights(pooled, wc_ptr, offs_k, index_kc, mask_kc)
+    return f, pooled, s, wc, f * scale + shift
+
+
+@triton.jit
 def _stats_kernel(x_ptr, wf_ptr, sum_ptr, sumsq_ptr, P, H, W, C, TILES: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_c, mask_c, offs_k, index_kc, mask_kc = _channels(C, BLOCK_C, BLOCK_K)
@@ -115,10 +125,9 @@ def _weighted_kernel(x_ptr, wf_ptr, wc_ptr, scale_ptr, shift_ptr, out_ptr, P, H,
     shift = tl.load(shift_ptr + index_kc, mask=mask_kc, other=0.0)
     for t in range(TILES):
         offs_p, b, h, w, mask_p = _positions(tl.program_id(0) * TILES + t, P, H, W, BLOCK_P)
-        f, pooled = _features(x_ptr, wf_ptr, b, h, w, offs_c, mask_p, mask_c, index_kc, mask_kc, H, W, C,
-                              BLOCK_P, BLOCK_C, BLOCK_K)
-        s, _ = _softmax_weights(pooled, wc_ptr, offs_k, index_kc, mask_kc)
-        weighted = tl.maximum(f * scale + shift, 0.0) * s
+        _, _, s, _, y = _recompute(x_ptr, wf_ptr, wc_ptr, scale, shift, b, h, w, offs_c, offs_k, mask_p, mask_c,
+                                   index_kc, mask_kc, H, W, C, BLOCK_P, BLOCK_C, BLOCK_K)
+        weighted = tl.maximum(y, 0.0) * s
         tl.store(out_ptr + offs_p * (9 * C) + index_kc, weighted.to(out_ptr.dtype.element_ty),
                  mask=mask_p & mask_kc)
 
@@ -136,10 +145,8 @@ def _backward_reduce_kernel(x_ptr, wf_ptr, wc_ptr, scale_ptr, shift_ptr, grad_we
     grad_wc = tl.zeros([1, BLOCK_K, BLOCK_C], dtype=tl.float32)
     for t in range(TILES):
         offs_p, b, h, w, mask_p = _positions(tl.program_id(0) * TILES + t, P, H, W, BLOCK_P)
-        f, pooled = _features(x_ptr, wf_ptr, b, h, w, offs_c, mask_p, mask_c, index_kc, mask_kc, H, W, C,
-                              BLOCK_P, BLOCK_C, BLOCK_K)
-        s, wc = _softmax_weights(pooled, wc_ptr, offs_k, index_kc, mask_kc)
-        y = f * scale + shift
+        f, pooled, s, wc, y = _recompute(x_ptr, wf_ptr, wc_ptr, scale, shift, b, h, w, offs_c, offs_k, mask_p,
+                                         mask_c, index_kc, mask_kc, H, W, C, BLOCK_P, BLOCK_C, BLOCK_K)
         grad_weighted = tl.load(grad_weighted_ptr + offs_p * (9 * C) + index_kc, mask=mask_p & mask_kc,
                                 other=0.0).to(tl.float32)
         grad_y = tl.where(y > 0, grad_weighted * s, 0.0)
@@ -171,10 +178,8 @@ def _backward_features_kernel(x_ptr, wf_ptr, wc_ptr, scale_ptr, shift_ptr, grad_
     grad_wf = tl.zeros([BLOCK_K, BLOCK_K, BLOCK_C], dtype=tl.float32)
     for t in range(TILES):
         offs_p, b, h, w, mask_p = _positions(tl.program_id(0) * TILES + t, P, H, W, BLOCK_P)
-        f, pooled = _features(x_ptr, wf_ptr, b, h, w, offs_c, mask_p, mask_c, index_kc, mask_kc, H, W, C,
-                              BLOCK_P, BLOCK_C, BLOCK_K)
-        s, _ = _softmax_weights(pooled, wc_ptr, offs_k, index_kc, mask_kc)
-        y = f * scale + shift
+        f, _, s, _, y = _recompute(x_ptr, wf_ptr, wc_ptr, scale, shift, b, h, w, offs_c, offs_k, mask_p, mask_c,
+                                   index_kc, mask_kc, H, W, C, BLOCK_P, BLOCK_C, BLOCK_K)
         mask = mask_p & mask_kc
         offsets = offs_p * (9 * C) + index_kc
         grad_weighted = tl.load(grad_weighted_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
