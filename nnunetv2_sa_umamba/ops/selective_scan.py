@@ -2,13 +2,16 @@
 
 Backends (same semantics, mamba-ssm's ``selective_scan_fn`` without ``z``):
 - ``cuda``: mamba-ssm's compiled kernel (``selective_scan_cuda``) as a registered torch op.
+- ``triton``: our Triton kernels (ops/scan_triton.py), forward and backward; needs Triton and CUDA tensors
+  (or ``TRITON_INTERPRET=1``, which runs them on the CPU, slowly: the tests use it).
 - ``torch``: chunked pure PyTorch with a hand-written backward; any device, float32 state.
 - ``reference``: the step-by-step loop under autograd; for tests, used only when named explicitly.
 
 Choice: the ``backend`` argument, else the environment variable ``SAUMAMBA_SCAN_BACKEND``
-(``auto``, ``cuda`` or ``torch``), else ``auto``: the kernel for CUDA tensors when it imports,
-``torch`` otherwise. Under torch.compile the choice is made once, when the graph is traced.
+(``auto``, ``cuda``, ``triton`` or ``torch``), else ``auto``: the kernel for CUDA tensors when it
+imports, ``torch`` otherwise. Under torch.compile the choice is made once, when the graph is traced.
 """
+import functools
 import logging
 import os
 
@@ -17,27 +20,41 @@ from torch import Tensor
 
 from . import scan_cuda
 from .scan_torch import selective_scan_reference, selective_scan_torch
+from .triton_dispatch import triton_importable
 
 logger = logging.getLogger("nnunetv2_sa_umamba")
 
 ENV_VAR = "SAUMAMBA_SCAN_BACKEND"
-ENV_CHOICES = ("auto", "cuda", "torch")
-BACKENDS = ("cuda", "torch", "reference")
+ENV_CHOICES = ("auto", "cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "torch", "reference")
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16)
 INSTALL_HINT = ('install mamba-ssm with its CUDA kernel (torch with CUDA and a CUDA toolkit with nvcc '
                 'needed): MAMBA_FORCE_BUILD=TRUE pip install -e ".[cuda]"')
 _DESCRIPTIONS = {
     "cuda": "mamba-ssm's selective_scan_cuda kernel",
+    "triton": "Triton kernels (ops/scan_triton.py)",
     "torch": "chunked pure PyTorch",
     "reference": "sequential reference loop (slow; meant for tests)",
 }
 _logged: set[str] = set()
 
 
+@functools.cache
+def _scan_triton():
+    from . import scan_triton  # noqa: PLC0415 - imports triton, an optional dependency
+    return scan_triton
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def available_backends() -> tuple[str, ...]:
-    """Backends that can run on this machine; ``cuda`` needs a GPU and the importable kernel."""
-    gpu_kernel = torch.cuda.is_available() and scan_cuda.kernel_available()
-    return BACKENDS if gpu_kernel else BACKENDS[1:]
+    """Backends that can run on this machine: ``cuda`` needs a GPU and the importable kernel, ``triton`` a GPU
+    (or Triton's interpreter) and Triton."""
+    usable = {"cuda": torch.cuda.is_available() and scan_cuda.kernel_available(),
+              "triton": (torch.cuda.is_available() or _triton_interpreted()) and triton_importable()}
+    return tuple(name for name in BACKENDS if usable.get(name, True))
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
@@ -57,6 +74,16 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
     device = torch.device(device)
     if backend == "auto":
         return "cuda" if device.type == "cuda" and scan_cuda.kernel_available() else "torch"
+    if backend == "triton":
+        problems = []
+        if not triton_importable():
+            problems.append("Triton is not installed (pip install triton)")
+        if device.type != "cuda" and not _triton_interpreted():
+            problems.append(f"the tensors are on {device}, not on a CUDA device (TRITON_INTERPRET=1 runs the "
+                            f"kernels on the CPU, slowly)")
+        if problems:
+            raise RuntimeError(f"selective-scan backend 'triton' cannot run: {'; '.join(problems)}. "
+                               f"Use backend 'torch' or 'auto' (or {ENV_VAR}=torch) otherwise.")
     if backend == "cuda":
         problems = []
         if device.type != "cuda":
@@ -129,6 +156,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     name = _choose_backend(u.device, backend)
     if compute_dtype is not None:
         u, delta, B, C = (t.to(compute_dtype) for t in (u, delta, B, C))
+    if name == "triton":
+        return _scan_triton().selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     impl = {"cuda": scan_cuda.selective_scan_cuda, "torch": selective_scan_torch,
             "reference": selective_scan_reference}[name]
     return impl(u, delta, A, B, C, D, delta_bias, delta_softplus)
