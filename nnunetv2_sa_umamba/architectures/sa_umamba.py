@@ -79,12 +79,12 @@ class SAUMamba(nn.Module):
 
         decoder_block_fn = vss if decoder_block == "vss" else rsss
 
-        self.patch_embed = PatchEmbed(in_channels, dims[0], PATCH_SIZE)
+        self.patch_embed = PatchEmbed(in_channels, dims[0], PATCH_SIZE, implementation)
         encoder_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.encoder_stages = nn.ModuleList()
         for i, dim in enumerate(dims):
             rates = encoder_rates[sum(depths[:i]):sum(depths[:i + 1])]
-            downsample = PatchMerging(dim) if i < len(dims) - 1 else None
+            downsample = PatchMerging(dim, implementation) if i < len(dims) - 1 else None
             self.encoder_stages.append(EncoderStage([rsss(dim, r) for r in rates], downsample))
 
         decoder_dims = list(reversed(dims))
@@ -92,11 +92,11 @@ class SAUMamba(nn.Module):
         self.decoder_stages = nn.ModuleList()
         for u, dim in enumerate(decoder_dims):
             rates = decoder_rates[sum(decoder_depths[:u]):sum(decoder_depths[:u + 1])]
-            upsample = PatchExpand(2 * dim, dim, scale=2) if u > 0 else None
+            upsample = PatchExpand(2 * dim, dim, scale=2, implementation=implementation) if u > 0 else None
             self.decoder_stages.append(DecoderStage(upsample, [decoder_block_fn(dim, r) for r in rates]))
 
         final_dim = dims[0] // PATCH_SIZE
-        self.final_expand = PatchExpand(dims[0], final_dim, scale=PATCH_SIZE)
+        self.final_expand = PatchExpand(dims[0], final_dim, scale=PATCH_SIZE, implementation=implementation)
         self.head = nn.Conv2d(final_dim, num_classes, 1)
         # on the outputs of decoder stages 3, 2, 1 (1/4, 1/8, 1/16)
         self.deep_supervision_heads = nn.ModuleList(

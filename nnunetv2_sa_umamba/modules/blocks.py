@@ -8,18 +8,41 @@ from timm.layers import DropPath
 from torch import nn
 
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
-from nnunetv2_sa_umamba.modules.ss2d import SS2D
+from nnunetv2_sa_umamba.modules.ss2d import SS2D, check_implementation, matmul_dtype
+from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm
 
 LAYER_NORM_EPS = 1e-5
+
+
+# PyTorch's LayerNorm kernel gives each row one thread block: the final PatchExpand's rows of 24 channels (28 x
+# 256 x 256 of them) took 2.9 ms forward where the Triton kernel takes 0.29 ms. From 96 channels up PyTorch's
+# kernels were as fast or faster forward + backward (H100, docs/BENCHMARKS.md), so they keep those rows.
+FUSED_MAX_CHANNELS = 64
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last dim (same parameters); ``"fast"`` runs short rows (at most FUSED_MAX_CHANNELS)
+    as one Triton kernel on CUDA (ops/layernorm_fused.py), many rows per program."""
+
+    def __init__(self, dim: int, implementation: str = "fast"):
+        super().__init__(dim, eps=LAYER_NORM_EPS)
+        self.implementation = check_implementation(implementation)
+
+    def forward(self, x: torch.Tensor, feeds_matmul: bool = False) -> torch.Tensor:
+        """``feeds_matmul``: a matmul reads the result, so the fused kernel may write it rounded to autocast's
+        dtype, as autocast would round it before the matmul anyway."""
+        if self.implementation == "reference" or self.normalized_shape[0] > FUSED_MAX_CHANNELS:
+            return super().forward(x)
+        return layer_norm(x, self, matmul_dtype(x) if feeds_matmul else None)
 
 
 class PatchEmbed(nn.Module):
     """(B, C_in, H, W) -> (B, H/p, W/p, C): strided conv, then LayerNorm."""
 
-    def __init__(self, in_channels: int, dim: int, patch_size: int = 4):
+    def __init__(self, in_channels: int, dim: int, patch_size: int = 4, implementation: str = "fast"):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm = LayerNorm(dim, implementation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
@@ -28,14 +51,14 @@ class PatchEmbed(nn.Module):
 class PatchMerging(nn.Module):
     """(B, H, W, C) -> (B, H/2, W/2, 2C): 2x2 neighbours concatenated, LayerNorm(4C), Linear(4C, 2C)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, implementation: str = "fast"):
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim, eps=LAYER_NORM_EPS)
+        self.norm = LayerNorm(4 * dim, implementation)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x))
+        return self.reduction(self.norm(x, feeds_matmul=True))
 
 
 class PatchExpand(nn.Module):
@@ -43,11 +66,11 @@ class PatchExpand(nn.Module):
 
     The decoder uses p=2 with C_in = 2 C_out; the final expand uses p=4 with C_in = 4 C_out."""
 
-    def __init__(self, in_dim: int, out_dim: int, scale: int):
+    def __init__(self, in_dim: int, out_dim: int, scale: int, implementation: str = "fast"):
         super().__init__()
         self.scale = scale
         self.expand = nn.Linear(in_dim, scale * scale * out_dim, bias=False)
-        self.norm = nn.LayerNorm(out_dim, eps=LAYER_NORM_EPS)
+        self.norm = LayerNorm(out_dim, implementation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = rearrange(self.expand(x), "b h w (p1 p2 c) -> b (h p1) (w p2) c", p1=self.scale, p2=self.scale)
@@ -60,12 +83,12 @@ class VSSBlock(nn.Module):
     def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 16, implementation: str = "fast",
                  scan_backend: str | None = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm1 = LayerNorm(dim, implementation)
         self.ss2d = SS2D(dim, d_state=d_state, implementation=implementation, scan_backend=scan_backend)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.ss2d(self.norm1(x)))
+        return x + self.drop_path(self.ss2d(self.norm1(x, feeds_matmul=True)))
 
 
 class RSSSBlock(nn.Module):
@@ -79,13 +102,13 @@ class RSSSBlock(nn.Module):
     def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 16, rfac: bool = True,
                  residual_scale: bool = True, implementation: str = "fast", scan_backend: str | None = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm1 = LayerNorm(dim, implementation)
         self.ss2d = SS2D(dim, d_state=d_state, implementation=implementation, scan_backend=scan_backend)
         self.drop_path = DropPath(drop_path)
         self.scale1 = nn.Parameter(torch.ones(dim)) if residual_scale else None
         self.norm2 = self.rfac = self.scale2 = None
         if rfac:
-            self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+            self.norm2 = LayerNorm(dim, implementation)
             self.rfac = RFAConv(dim, implementation=implementation)
             self.scale2 = nn.Parameter(torch.ones(dim)) if residual_scale else None
 
@@ -94,8 +117,9 @@ class RSSSBlock(nn.Module):
         return x if scale is None else x * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self._scaled(x, self.scale1) + self.drop_path(self.ss2d(self.norm1(x)))
+        z = self._scaled(x, self.scale1) + self.drop_path(self.ss2d(self.norm1(x, feeds_matmul=True)))
         if self.rfac is None:
             return z
-        attention = self.rfac(self.norm2(z), channels_last=True)
+        # RFAConv's convolutions read it in autocast's dtype
+        attention = self.rfac(self.norm2(z, feeds_matmul=True), channels_last=True)
         return self._scaled(z, self.scale2) + attention

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm_gate
 from nnunetv2_sa_umamba.ops.selective_scan import selective_scan
 from nnunetv2_sa_umamba.ops.triton_dispatch import use_triton
 
@@ -92,6 +93,11 @@ def _cross_merge_fused(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return _CrossMergeFused.apply(ys, h, w)
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs a matmul on ``x`` in; None without autocast."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+
+
 def _scan_dtype(x: torch.Tensor) -> torch.dtype:
     if not torch.is_autocast_enabled(x.device.type):
         return torch.float32
@@ -138,11 +144,11 @@ class SS2D(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)
         if self.implementation == "reference":
             y = self._forward_core_reference(self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous())))
-        else:
-            # the channel-last permute is channels_last memory: cuDNN's depthwise conv is ~2x faster on it
-            y = self._forward_core_fast(self.act(self.conv2d(x.permute(0, 3, 1, 2))))
-        y = self.out_norm(y) * F.silu(z)
-        return self.out_proj(y)
+            return self.out_proj(self.out_norm(y) * F.silu(z))
+        # the channel-last permute is channels_last memory: cuDNN's depthwise conv is ~2x faster on it
+        y = self._forward_core_fast(self.act(self.conv2d(x.permute(0, 3, 1, 2))))
+        # one kernel on CUDA that keeps only y and z for the backward; rounded once for the projection
+        return self.out_proj(layer_norm_gate(y, z, self.out_norm, matmul_dtype(y)))
 
     def _scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = -torch.exp(self.A_logs.float())
