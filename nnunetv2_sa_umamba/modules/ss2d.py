@@ -6,7 +6,8 @@ Two implementations of the same math, chosen per module with ``implementation``:
   float32 scan inputs). Every speedup is measured against it.
 - ``"fast"``: the same values computed with fewer copies (broadcast matmuls instead of einsums; on CUDA the
   cross-scan and cross-merge as one Triton kernel each, ops/cross_scan_triton.py, elsewhere one preallocated
-  cross-scan buffer) and, under autocast, 16-bit scan inputs. The scan keeps its state in
+  cross-scan buffer; the output gate out_norm(y) * silu(z) as one op that keeps only y and z,
+  ops/layernorm_fused.py) and, under autocast, 16-bit scan inputs. The scan keeps its state in
   float32 either way; fp16 autocast runs the scan with bfloat16 inputs because the kernel's fp16 output
   overflows (scan outputs reach ~1e6).
 """
