@@ -182,7 +182,7 @@ def test_resolve_backend_defaults_and_env(monkeypatch):
     monkeypatch.setenv(ENV, "TORCH")
     assert resolve_backend(torch.device("cpu")) == "torch"
     assert resolve_backend("cpu", "reference") == "reference"  # the argument wins over the variable
-    for value in ("reference", "triton"):  # the reference is not a user setting
+    for value in ("reference", "mamba"):  # the reference is not a user setting
         monkeypatch.setenv(ENV, value)
         with pytest.raises(ValueError, match=f"{ENV}='{value}'"):
             resolve_backend("cpu")
@@ -196,6 +196,10 @@ def test_auto_picks_kernel_only_for_cuda_tensors_with_kernel(monkeypatch):
     assert resolve_backend("cuda:0") == "cuda"
     assert resolve_backend("cpu") == "torch"
     monkeypatch.setattr(scan_cuda, "kernel_available", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: True)
+    assert resolve_backend("cuda:0") == "triton"
+    assert resolve_backend("cpu") == "torch"
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: False)
     assert resolve_backend("cuda:0") == "torch"
 
 

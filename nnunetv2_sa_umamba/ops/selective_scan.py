@@ -8,8 +8,8 @@ Backends (same semantics, mamba-ssm's ``selective_scan_fn`` without ``z``):
 - ``reference``: the step-by-step loop under autograd; for tests, used only when named explicitly.
 
 Choice: the ``backend`` argument, else the environment variable ``SAUMAMBA_SCAN_BACKEND``
-(``auto``, ``cuda``, ``triton`` or ``torch``), else ``auto``: the kernel for CUDA tensors when it
-imports, ``torch`` otherwise. Under torch.compile the choice is made once, when the graph is traced.
+(``auto``, ``cuda``, ``triton`` or ``torch``), else ``auto``: for CUDA tensors mamba-ssm's kernel when it
+imports, else the Triton kernels when Triton imports; ``torch`` otherwise. Under torch.compile the choice is made once, when the graph is traced.
 """
 import functools
 import logging
@@ -58,10 +58,10 @@ def available_backends() -> tuple[str, ...]:
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
-    """Name of the backend that scans tensors on ``device``: "cuda", "torch" or "reference".
+    """Name of the backend that scans tensors on ``device``: "cuda", "triton", "torch" or "reference".
 
-    ``backend``: "auto", "cuda", "torch", "reference" or None (then ``SAUMAMBA_SCAN_BACKEND``,
-    default "auto"). Raises ValueError for unknown names and RuntimeError when "cuda" cannot run.
+    ``backend``: "auto", "cuda", "triton", "torch", "reference" or None (then ``SAUMAMBA_SCAN_BACKEND``,
+    default "auto"). Raises ValueError for unknown names and RuntimeError when "cuda" or "triton" cannot run.
     """
     if backend is None:
         backend = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
@@ -73,7 +73,12 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
                          f"auto, {', '.join(BACKENDS)}.")
     device = torch.device(device)
     if backend == "auto":
-        return "cuda" if device.type == "cuda" and scan_cuda.kernel_available() else "torch"
+        if device.type != "cuda":
+            return "torch"
+        if scan_cuda.kernel_available():
+            return "cuda"
+        # without mamba-ssm: ~5x faster than the torch backend on an H100 (docs/BENCHMARKS.md)
+        return "triton" if triton_importable() else "torch"
     if backend == "triton":
         problems = []
         if not triton_importable():
