@@ -255,3 +255,8 @@ def test_network_layer_norm_runs_only_short_rows_fused(fused):
         assert (type(out.grad_fn).__name__ == "_LayerNormBackward") == expect_fused, (channels, implementation)
         torch.testing.assert_close(out, F.layer_norm(x, (channels,), norm.weight, norm.bias, norm.eps),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_channel_count_is_refused_as_pytorch_refuses_it(fused):
+    with pytest.raises(RuntimeError, match=r"expected input with shape \[\*, 24\]"):
+        layer_norm(torch.randn(4, 16, device=DEVICE), _norm(24).to(DEVICE))

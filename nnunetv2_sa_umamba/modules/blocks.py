@@ -120,6 +120,6 @@ class RSSSBlock(nn.Module):
         z = self._scaled(x, self.scale1) + self.drop_path(self.ss2d(self.norm1(x, feeds_matmul=True)))
         if self.rfac is None:
             return z
-        # RFAConv's convolutions read it in autocast's dtype
-        attention = self.rfac(self.norm2(z, feeds_matmul=True), channels_last=True)
+        # float32 under autocast, as nn.LayerNorm gives it: RFAConv's pooling and softmax are not autocast ops
+        attention = self.rfac(self.norm2(z), channels_last=True)
         return self._scaled(z, self.scale2) + attention

@@ -42,7 +42,9 @@ def _fused(x: torch.Tensor, norm: nn.LayerNorm, out_dtype: torch.dtype, largest_
     """Whether the kernels run ``norm`` on ``x`` (..., C); PyTorch's operations otherwise."""
     affine_over_last_dim = (len(norm.normalized_shape) == 1 and norm.weight is not None and norm.bias is not None
                             and norm.weight.dtype in KERNEL_DTYPES and norm.bias.dtype in KERNEL_DTYPES)
-    return (affine_over_last_dim and 0 < x.shape[-1] <= MAX_CHANNELS and x.numel() > 0
+    # a mismatched C falls back, where F.layer_norm names the expected shape
+    return (affine_over_last_dim and x.shape[-1] == norm.normalized_shape[0] and 0 < x.shape[-1] <= MAX_CHANNELS
+            and x.numel() > 0
             and out_dtype in KERNEL_DTYPES and use_triton(x, largest_tensor_elements))
 
 

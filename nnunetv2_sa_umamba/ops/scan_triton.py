@@ -43,7 +43,11 @@ def _delta(delta_ptr, row, offs_l, mask_l, bias, HAS_BIAS: tl.constexpr, SOFTPLU
         raw += bias
     dt = raw
     if SOFTPLUS:
-        dt = tl.where(raw <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(raw)), raw)
+        # log1p(e) to float32 precision: log(1 + e) alone loses it for small e (the dt bias starts near -7)
+        e = tl.exp(raw)
+        w = 1.0 + e
+        log1p = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+        dt = tl.where(raw <= SOFTPLUS_THRESHOLD, log1p, raw)
     return raw, tl.where(mask_l, dt, 0.0)
 
 
@@ -85,7 +89,7 @@ def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,
         offs_l = chunk * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
         mask_l = offs_l < length
         if WRITE_STATES:
-            state_offsets = (((batch * channels + offs_d)[:, None] * n_chunks + chunk) * N + offs_n[None, :])
+            state_offsets = ((batch * channels + offs_d)[:, None].to(tl.int64) * n_chunks + chunk) * N + offs_n[None, :]
             tl.store(states_ptr + state_offsets, h)
         u = tl.load(u_ptr + row + offs_l, mask=mask_l, other=0.0).to(tl.float32)
         _, dt = _delta(delta_ptr, row, offs_l, mask_l, bias, HAS_BIAS, SOFTPLUS)
@@ -131,7 +135,7 @@ def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr
         chunk = n_chunks - 1 - reversed_chunk
         offs_l = chunk * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
         mask_l = offs_l < length
-        h_start = tl.load(states_ptr + ((batch * channels + offs_d)[:, None] * n_chunks + chunk) * N
+        h_start = tl.load(states_ptr + ((batch * channels + offs_d)[:, None].to(tl.int64) * n_chunks + chunk) * N
                           + offs_n[None, :])
         u = tl.load(u_ptr + row + offs_l, mask=mask_l, other=0.0).to(tl.float32)
         raw, dt = _delta(delta_ptr, row, offs_l, mask_l, bias, HAS_BIAS, SOFTPLUS)
