@@ -68,29 +68,44 @@ def _last_step(t, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
-                         channels, length, channels_per_group, groups, n_chunks,
-                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                         WRITE_Y: tl.constexpr, WRITE_STATES: tl.constexpr,
-                         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_d = tl.program_id(0)
+def _program_tiles(A_ptr, bias_ptr, channels, length, channels_per_group, groups,
+                   HAS_BIAS: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's channels and batch element: channel offsets, A (BLOCK_D, N), delta's bias (BLOCK_D, 1) or 0,
+    and the row offsets of its (channels, L) rows in u-shaped tensors and of its group's (N, L) rows of B and C."""
     batch = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, N)
-    group = (pid_d * BLOCK_D) // channels_per_group
-    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :]) * LOG2_E
+    group = (tl.program_id(0) * BLOCK_D) // channels_per_group
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :])
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d)[:, None]
     row = (batch * channels + offs_d)[:, None].to(tl.int64) * length
     bc_row = ((batch * groups + group) * N + offs_n)[:, None].to(tl.int64) * length
+    return offs_d, offs_n, A, bias, row, bc_row
+
+
+@triton.jit
+def _state_offsets(offs_d, offs_n, channels, chunk, n_chunks, N: tl.constexpr):
+    """Offsets (BLOCK_D, N) of the state at the start of ``chunk`` in the (batch, channels, n_chunks, N) buffer."""
+    return ((tl.program_id(1) * channels + offs_d)[:, None].to(tl.int64) * n_chunks + chunk) * N + offs_n[None, :]
+
+
+@triton.jit
+def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
+                         channels, length, channels_per_group, groups, n_chunks,
+                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         WRITE_Y: tl.constexpr, WRITE_STATES: tl.constexpr,
+                         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    offs_d, offs_n, A, bias, row, bc_row = _program_tiles(A_ptr, bias_ptr, channels, length, channels_per_group,
+                                                          groups, HAS_BIAS, N, BLOCK_D)
+    A2 = A * LOG2_E
     h = tl.zeros([BLOCK_D, N], dtype=tl.float32)
     for chunk in range(n_chunks):
         offs_l = chunk * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
         mask_l = offs_l < length
         if WRITE_STATES:
-            state_offsets = ((batch * channels + offs_d)[:, None].to(tl.int64) * n_chunks + chunk) * N + offs_n[None, :]
-            tl.store(states_ptr + state_offsets, h)
+            tl.store(states_ptr + _state_offsets(offs_d, offs_n, channels, chunk, n_chunks, N), h)
         u = tl.load(u_ptr + row + offs_l, mask=mask_l, other=0.0).to(tl.float32)
         _, dt = _delta(delta_ptr, row, offs_l, mask_l, bias, HAS_BIAS, SOFTPLUS)
         B = tl.load(B_ptr + bc_row + offs_l, mask=mask_l, other=0.0).to(tl.float32)
@@ -110,22 +125,13 @@ def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr
                           channels, length, channels_per_group, groups, n_chunks,
                           HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                           N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_d = tl.program_id(0)
-    batch = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N)
-    steps = tl.arange(0, BLOCK_L)[None, None, :]
-    group = (pid_d * BLOCK_D) // channels_per_group
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :])
+    offs_d, offs_n, A, bias, row, bc_row = _program_tiles(A_ptr, bias_ptr, channels, length, channels_per_group,
+                                                          groups, HAS_BIAS, N, BLOCK_D)
     A2 = A * LOG2_E
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d)[:, None]
+    steps = tl.arange(0, BLOCK_L)[None, None, :]
     D = 0.0
     if HAS_D:
         D = tl.load(D_ptr + offs_d)[:, None]
-    row = (batch * channels + offs_d)[:, None].to(tl.int64) * length
-    bc_row = ((batch * groups + group) * N + offs_n)[:, None].to(tl.int64) * length
     # dL/dh flowing into the last state of the chunk from the one after it: a_{t+1} x_{t+1}
     carry = tl.zeros([BLOCK_D, N], dtype=tl.float32)
     dA = tl.zeros([BLOCK_D, N], dtype=tl.float32)
@@ -135,8 +141,7 @@ def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr
         chunk = n_chunks - 1 - reversed_chunk
         offs_l = chunk * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
         mask_l = offs_l < length
-        h_start = tl.load(states_ptr + ((batch * channels + offs_d)[:, None].to(tl.int64) * n_chunks + chunk) * N
-                          + offs_n[None, :])
+        h_start = tl.load(states_ptr + _state_offsets(offs_d, offs_n, channels, chunk, n_chunks, N))
         u = tl.load(u_ptr + row + offs_l, mask=mask_l, other=0.0).to(tl.float32)
         raw, dt = _delta(delta_ptr, row, offs_l, mask_l, bias, HAS_BIAS, SOFTPLUS)
         B = tl.load(B_ptr + bc_row + offs_l, mask=mask_l, other=0.0).to(tl.float32)
