@@ -7,7 +7,9 @@ Every row is measured in one run on one device with the same batch, so ratios ar
   nnunet_plain   nnU-Net's PlainConvUNet as nnU-Net plans it for 256x256 2D input (7 stages, 32..512)
 A training step is forward + cross-entropy + backward + AdamW step (fp16 with a GradScaler, as nnU-Net trains;
 the fast path's trainer uses fused AdamW on CUDA, the reference the released code's default AdamW);
-inference is a no-grad forward in eval mode. Deep supervision is off for every network.
+inference is a no-grad forward in eval mode. Deep supervision is off for every network. "Host issue" is the time
+until a training step's Python call returns, before waiting for the GPU: close to the step time, the host's
+kernel launches, not the GPU, set the pace.
 
     python benchmarks/benchmark_network.py                       # CUDA, batch 28 x 3 x 256 x 256 and 1 x 512 x 512
     python benchmarks/benchmark_network.py --smoke --json out.json   # tiny CPU run (used by the tests)
@@ -53,6 +55,7 @@ class Row:
     model: str
     params_m: float
     train_ms: float | None = None
+    train_issue_ms: float | None = None
     infer_ms: float | None = None
     peak_train_gib: float | None = None
     note: str = ""
@@ -63,21 +66,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
+def _median_wall_and_issue_ms(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
+    """Medians of the time until ``fn``'s work is done and of the time until ``fn`` returns (the host has queued
+    its kernels). An issue time close to the wall time means the host, not the GPU, sets the pace."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
+    walls, issues = [], []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
+        issues.append((time.perf_counter() - start) * 1e3)
         _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        walls.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(walls), statistics.median(issues)
+
+
+def _median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
+    return _median_wall_and_issue_ms(fn, device, warmup, iters)[0]
 
 
 def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str, warmup: int,
-            iters: int, fused_optimizer: bool = False) -> tuple[float, float, float | None]:
+            iters: int, fused_optimizer: bool = False) -> tuple[float, float, float, float | None]:
+    """(train step ms, its host issue ms, inference ms, peak training GiB or None off CUDA)."""
     device = x.device
     dtype = DTYPES[dtype_name]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -106,11 +117,11 @@ def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    train_ms = _median_ms(train_step, device, 0, iters)
+    train_ms, train_issue_ms = _median_wall_and_issue_ms(train_step, device, 0, iters)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     model.eval()
     infer_ms = _median_ms(infer, device, warmup, iters)
-    return train_ms, infer_ms, peak
+    return train_ms, train_issue_ms, infer_ms, peak
 
 
 def profile_training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str,
@@ -158,8 +169,8 @@ def run(args) -> list[Row]:
                 try:
                     # each row trains with its trainer's optimizer: fused AdamW for the fast path on CUDA
                     fused = name.startswith("fast")
-                    row.train_ms, row.infer_ms, row.peak_train_gib = measure(model, x, target, dtype_name,
-                                                                             args.warmup, args.iters, fused)
+                    row.train_ms, row.train_issue_ms, row.infer_ms, row.peak_train_gib = measure(
+                        model, x, target, dtype_name, args.warmup, args.iters, fused)
                     if args.profile:
                         profile_training_step(model, x, target, dtype_name, args.profile, str(row), fused)
                 except torch.OutOfMemoryError:
@@ -187,14 +198,15 @@ def format_row(row: Row, rows: list[Row]) -> str:
     memory_ratio = (f"{row.peak_train_gib / ref.peak_train_gib:.2f}"
                     if row.peak_train_gib and ref.peak_train_gib else "-")
     return (f"| {row.shape} | {row.dtype} | {row.model} | {row.params_m:.2f} | {fmt(row.train_ms, '.1f')} | "
-            f"{_ratio(ref.train_ms, row.train_ms)} | {fmt(row.infer_ms, '.1f')} | "
+            f"{fmt(row.train_issue_ms, '.1f')} | {_ratio(ref.train_ms, row.train_ms)} | {fmt(row.infer_ms, '.1f')} | "
             f"{_ratio(ref.infer_ms, row.infer_ms)} | {fmt(row.peak_train_gib, '.2f')} | {memory_ratio} | "
             f"{row.note} |")
 
 
-HEADER = ("| input | precision | model | params (M) | train step (ms) | train speedup vs reference | "
-          "inference (ms) | inference speedup | peak train memory (GiB) | memory / reference |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| input | precision | model | params (M) | train step (ms) | host issue of a step (ms) | "
+          "train speedup vs reference | inference (ms) | inference speedup | peak train memory (GiB) | "
+          "memory / reference | note |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def parse_args(argv=None):

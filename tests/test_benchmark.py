@@ -15,6 +15,8 @@ def test_benchmark_smoke_mode_writes_all_rows(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["reference", "fast/torch", "nnunet_plain"]
     assert all(r["train_ms"] > 0 and r["infer_ms"] > 0 for r in rows)
+    # the host queues a step no later than the step completes
+    assert all(0 < r["train_issue_ms"] <= r["train_ms"] for r in rows)
     assert "| 1x3x64x64 | fp32 | reference |" in result.stdout
 
 
