@@ -9,7 +9,8 @@ Backends (same semantics, mamba-ssm's ``selective_scan_fn`` without ``z``):
 
 Choice: the ``backend`` argument, else the environment variable ``SAUMAMBA_SCAN_BACKEND``
 (``auto``, ``cuda``, ``triton`` or ``torch``), else ``auto``: for CUDA tensors mamba-ssm's kernel when it
-imports, else the Triton kernels when Triton imports; ``torch`` otherwise. Under torch.compile the choice is made once, when the graph is traced.
+imports, else the Triton kernels when Triton imports; ``torch`` otherwise. Under torch.compile the choice is
+made once, when the graph is traced.
 """
 import functools
 import logging
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from . import scan_cuda
 from .scan_torch import selective_scan_reference, selective_scan_torch
-from .triton_dispatch import triton_importable
+from .triton_dispatch import triton_importable, triton_interpreted
 
 logger = logging.getLogger("nnunetv2_sa_umamba")
 
@@ -45,15 +46,11 @@ def _scan_triton():
     return scan_triton
 
 
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def available_backends() -> tuple[str, ...]:
     """Backends that can run on this machine: ``cuda`` needs a GPU and the importable kernel, ``triton`` a GPU
     (or Triton's interpreter) and Triton."""
     usable = {"cuda": torch.cuda.is_available() and scan_cuda.kernel_available(),
-              "triton": (torch.cuda.is_available() or _triton_interpreted()) and triton_importable()}
+              "triton": (torch.cuda.is_available() or triton_interpreted()) and triton_importable()}
     return tuple(name for name in BACKENDS if usable.get(name, True))
 
 
@@ -83,7 +80,7 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
         problems = []
         if not triton_importable():
             problems.append("Triton is not installed (pip install triton)")
-        if device.type != "cuda" and not _triton_interpreted():
+        if device.type != "cuda" and not triton_interpreted():
             problems.append(f"the tensors are on {device}, not on a CUDA device (TRITON_INTERPRET=1 runs the "
                             f"kernels on the CPU, slowly)")
         if problems:

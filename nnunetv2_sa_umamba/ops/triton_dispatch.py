@@ -26,7 +26,8 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpreted() -> bool:
+def triton_interpreted() -> bool:
+    """Whether Triton's interpreter is on (kernels then run on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -42,7 +43,7 @@ def use_triton(x: torch.Tensor, largest_tensor_elements: int) -> bool:
         return x.is_cuda and triton_importable()
     if not triton_importable():
         raise RuntimeError(f"{ENV_VAR}=triton but Triton is not installed; pip install triton, or unset {ENV_VAR}.")
-    if not (x.is_cuda or _interpreted()):
+    if not (x.is_cuda or triton_interpreted()):
         raise RuntimeError(f"{ENV_VAR}=triton needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on "
                            f"the CPU, slowly); got a {x.device.type} tensor.")
     return True
