@@ -224,9 +224,13 @@ def backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus: bool):
     grid, sizes, meta = _launch_geometry(u, A, B)
     batch, channels, _ = u.shape
     flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
-    states = torch.empty(batch, channels, sizes["n_chunks"], A.shape[1], device=u.device, dtype=torch.float32)
-    _scan_forward_kernel[grid](u, delta, A, B, C, _placeholder(D, A), _placeholder(delta_bias, A), u, states,
-                               **sizes, **flags, WRITE_Y=False, WRITE_STATES=True, **meta)
+    state_shape = (batch, channels, sizes["n_chunks"], A.shape[1])
+    if sizes["n_chunks"] == 1:  # the only chunk starts from the zero state: nothing to rerun
+        states = torch.zeros(state_shape, device=u.device, dtype=torch.float32)
+    else:
+        states = torch.empty(state_shape, device=u.device, dtype=torch.float32)
+        _scan_forward_kernel[grid](u, delta, A, B, C, _placeholder(D, A), _placeholder(delta_bias, A), u, states,
+                                   **sizes, **flags, WRITE_Y=False, WRITE_STATES=True, **meta)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dA = torch.zeros_like(A, dtype=torch.float32)
     dB = torch.zeros_like(B, dtype=torch.float32)
