@@ -23,7 +23,7 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _line(pid, num_lines, n, stride_i, stride_j, L, chunk, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D):
+def _line(pid, num_lines, n, stride_i, stride_j, chunk, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D):
     """Image b, (BLOCK_N, 1) positions p (row-major index inside the image) and scan indices l of this chunk of
     the line, their mask; (1, BLOCK_D) channels and mask."""
     b = pid // num_lines
@@ -37,7 +37,7 @@ def _line(pid, num_lines, n, stride_i, stride_j, L, chunk, BLOCK_N: tl.constexpr
 def _scan_kernel(x_ptr, xs_ptr, num_lines, n, stride_i, stride_j, D, L, k_forward, k_reversed,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     for chunk in range(tl.cdiv(n, BLOCK_N)):
-        b, p, l, mask_n, offs_d, mask_d = _line(tl.program_id(0), num_lines, n, stride_i, stride_j, L, chunk,
+        b, p, l, mask_n, offs_d, mask_d = _line(tl.program_id(0), num_lines, n, stride_i, stride_j, chunk,
                                                 BLOCK_N, BLOCK_D, D)
         mask = mask_n & mask_d
         values = tl.load(x_ptr + (b * L + p) * D + offs_d, mask=mask).to(xs_ptr.dtype.element_ty)
@@ -49,7 +49,7 @@ def _scan_kernel(x_ptr, xs_ptr, num_lines, n, stride_i, stride_j, D, L, k_forwar
 def _merge_kernel(ys_ptr, y_ptr, num_lines, n, stride_i, stride_j, D, L, k_forward, k_reversed,
                   ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     for chunk in range(tl.cdiv(n, BLOCK_N)):
-        b, p, l, mask_n, offs_d, mask_d = _line(tl.program_id(0), num_lines, n, stride_i, stride_j, L, chunk,
+        b, p, l, mask_n, offs_d, mask_d = _line(tl.program_id(0), num_lines, n, stride_i, stride_j, chunk,
                                                 BLOCK_N, BLOCK_D, D)
         mask = mask_n & mask_d
         total = tl.load(ys_ptr + ((b * 4 + k_forward) * D + offs_d) * L + l, mask=mask).to(tl.float32)
