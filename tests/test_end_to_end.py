@@ -24,7 +24,7 @@ from PIL import Image
 from nnunetv2_sa_umamba.demo import run as demo_run_module
 from nnunetv2_sa_umamba.demo.dataset import DEMO_DATASET_ID, generate_demo_dataset, synthesize_case
 from nnunetv2_sa_umamba.demo.run import (MARKER, DemoError, DemoLayout, baseline_dice, case_dice,
-                                         nnunet_environment, predict_command, prepare_output_folder,
+                                         nnunet_command, nnunet_environment, predict_command, prepare_output_folder,
                                          resolve_device, train_command, write_overlay)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +136,20 @@ def test_environment_points_nnunet_inside_the_demo_folder(tmp_path, monkeypatch)
         assert Path(env[name]).parent == tmp_path
     assert Path(env["nnUNet_extTrainer"], "saumamba_trainers.py").is_file()
     assert env["nnUNet_compile"] == "false"
+
+
+def test_console_scripts_are_found_next_to_python_then_on_path(tmp_path, monkeypatch):
+    assert Path(nnunet_command("nnUNetv2_train")).parent == BIN
+    # a Python whose folder has no nnU-Net scripts (e.g. PYTHONPATH installs): PATH decides
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python3"))
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "nnUNetv2_train").write_text("#!/bin/sh\n")
+    (scripts / "nnUNetv2_train").chmod(0o755)
+    monkeypatch.setenv("PATH", str(scripts))
+    assert nnunet_command("nnUNetv2_train") == str(scripts / "nnUNetv2_train")
+    with pytest.raises(DemoError, match="nnUNetv2_predict was found neither"):
+        nnunet_command("nnUNetv2_predict")
 
 
 def test_commands_follow_the_device_and_resume_state(tmp_path):

@@ -105,12 +105,15 @@ def nnunet_environment(layout: DemoLayout, device: str) -> dict[str, str]:
 
 
 def nnunet_command(name: str) -> str:
-    """The console script ``name`` installed next to this Python (the virtualenv's bin folder)."""
+    """The console script ``name``: next to this Python (the virtualenv's bin folder), else on PATH."""
     path = Path(sys.executable).parent / name
-    if not path.is_file():
-        raise DemoError(f"{name} was not found next to {sys.executable}. Install nnU-Net and this package into "
-                        f"that environment: pip install -e . (from the repository root).")
-    return str(path)
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise DemoError(f"{name} was found neither next to {sys.executable} nor on PATH. Install nnU-Net and this "
+                        f"package into that environment: pip install -e . (from the repository root).")
+    return found
 
 
 def run_step(title: str, command: list[str], env: dict[str, str], log_file: Path) -> None:
