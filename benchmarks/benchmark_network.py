@@ -2,14 +2,16 @@
 
 Every row is measured in one run on one device with the same batch, so ratios are comparable. Rows:
   reference      our network on the released code's operations (the baseline for every speedup)
-  fast/<scan>    our fast path with each available selective-scan backend
+  fast/<scan>    our fast path with each available selective-scan backend, kernel by kernel
+  fast+graphs    the fast path as the trainer runs it on one GPU: default scan, training steps as CUDA graphs
   fast+compile   the fast path under torch.compile (only with --compile)
   nnunet_plain   nnU-Net's PlainConvUNet as nnU-Net plans it for 256x256 2D input (7 stages, 32..512)
 A training step is forward + cross-entropy + backward + AdamW step (fp16 with a GradScaler, as nnU-Net trains;
 the fast path's trainer uses fused AdamW on CUDA, the reference the released code's default AdamW);
-inference is a no-grad forward in eval mode. Deep supervision is off for every network. "Host issue" is the time
-until a training step's Python call returns, before waiting for the GPU: close to the step time, the host's
-kernel launches, not the GPU, set the pace.
+inference is a no-grad forward in eval mode. Deep supervision is off for every network. Peak memory is the
+largest allocated total during the timed training steps plus what CUDA-graph pools reserve beyond it. "Host
+issue" is the time until a training step's Python call returns, before waiting for the GPU: close to the step
+time, the host's kernel launches, not the GPU, set the pace.
 
     python benchmarks/benchmark_network.py                       # CUDA, batch 28 x 3 x 256 x 256 and 1 x 512 x 512
     python benchmarks/benchmark_network.py --smoke --json out.json   # tiny CPU run (used by the tests)
@@ -33,6 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
 from nnunetv2_sa_umamba.ops.selective_scan import available_backends  # noqa: E402
+from nnunetv2_sa_umamba.training.cuda_graphs import enable_training_graphs  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,6 +89,14 @@ def _median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
     return _median_wall_and_issue_ms(fn, device, warmup, iters)[0]
 
 
+def _graph_pool_idle_bytes(device: torch.device) -> int:
+    """Memory that CUDA-graph pools hold without a live tensor in it: reserved for the graphs' replays (their
+    intermediate tensors) and unavailable to anything else, but not counted by max_memory_allocated."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(segment["total_size"] - segment["allocated_size"] for segment in torch.cuda.memory_snapshot()
+               if segment.get("device", index) == index and tuple(segment["segment_pool_id"]) != (0, 0))
+
+
 def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str, warmup: int,
             iters: int, fused_optimizer: bool = False) -> tuple[float, float, float, float | None]:
     """(train step ms, its host issue ms, inference ms, peak training GiB or None off CUDA)."""
@@ -118,7 +129,9 @@ def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     train_ms, train_issue_ms = _median_wall_and_issue_ms(train_step, device, 0, iters)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    peak = None
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) + _graph_pool_idle_bytes(device)) / 2 ** 30
     model.eval()
     infer_ms = _median_ms(infer, device, warmup, iters)
     return train_ms, train_issue_ms, infer_ms, peak
@@ -147,6 +160,8 @@ def model_specs(args, in_channels: int, classes: int, size: int, device: torch.d
     for backend in scan_backends(device):
         specs.append((f"fast/{backend}", lambda b=backend: SAUMamba(in_channels, classes, implementation="fast",
                                                                      scan_backend=b, **arch)))
+    if device.type == "cuda":
+        specs.append(("fast+graphs", lambda: enable_training_graphs(SAUMamba(in_channels, classes, **arch))))
     if args.compile:
         specs.append(("fast+compile", lambda: torch.compile(SAUMamba(in_channels, classes, **arch))))
     specs.append(("nnunet_plain", lambda: nnunet_plain_unet(in_channels, classes, size)))
@@ -220,7 +235,8 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
     parser.add_argument("--models", nargs="+", default=None,
-                        help="only these rows (reference, fast/cuda, fast/torch, fast+compile, nnunet_plain)")
+                        help="only these rows (reference, fast/cuda, fast/triton, fast/torch, fast+graphs, "
+                             "fast+compile, nnunet_plain)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
                         help="leave cudnn.benchmark off (nnU-Net's training turns it on)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run: narrow network, 1x3x64, fp32, 1 iter")

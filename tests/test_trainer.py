@@ -12,8 +12,8 @@ from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
 from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import nnUNetTrainerSAUMamba
 from nnunetv2_sa_umamba.training.variants.initialization import nnUNetTrainerSAUMambaImageNet
 from nnunetv2_sa_umamba.training.variants.network_architecture import (
-    nnUNetTrainerSAUMambaNoDeepSupervision, nnUNetTrainerSAUMambaReference, nnUNetTrainerSAUMambaRSSSDecoder,
-    nnUNetTrainerVMUNet)
+    nnUNetTrainerSAUMambaNoCudaGraphs, nnUNetTrainerSAUMambaNoDeepSupervision, nnUNetTrainerSAUMambaReference,
+    nnUNetTrainerSAUMambaRSSSDecoder, nnUNetTrainerVMUNet)
 from nnunetv2_sa_umamba.training.variants.optimizer import nnUNetTrainerSAUMambaSGD
 from nnunetv2_sa_umamba.training.variants.training_length import nnUNetTrainerSAUMamba_300epochs
 
@@ -164,6 +164,18 @@ def test_imagenet_variant_needs_a_readable_checkpoint(nnunet_folders, monkeypatc
         make_trainer(nnUNetTrainerSAUMambaImageNet)
 
 
+@pytest.mark.parametrize("cls, device, compiled, graphs", [
+    (nnUNetTrainerSAUMamba, "cuda", False, True), (nnUNetTrainerSAUMamba, "cpu", False, False),
+    (nnUNetTrainerSAUMamba, "cuda", True, False), (nnUNetTrainerSAUMambaNoCudaGraphs, "cuda", False, False),
+    (nnUNetTrainerSAUMambaReference, "cuda", False, False)])
+def test_cuda_graphs_on_one_gpu_for_the_fast_path_only(nnunet_folders, cls, device, compiled, graphs):
+    trainer = make_trainer(cls)
+    trainer.device = torch.device(device)  # only the type is read
+    network = build_from_trainer(trainer)
+    trainer.network = torch.compile(network) if compiled else network
+    assert trainer._use_cuda_graphs() is graphs
+
+
 def test_compile_is_off_by_default(nnunet_folders, monkeypatch):
     monkeypatch.delenv("nnUNet_compile", raising=False)
     assert make_trainer(nnUNetTrainerSAUMamba)._do_i_compile() is False
@@ -177,6 +189,7 @@ def test_nnunet_finds_every_trainer_through_ext_trainer(monkeypatch):
     for name in ("nnUNetTrainerSAUMamba", "nnUNetTrainerVMUNet", "nnUNetTrainerSAUMambaScaleOnly",
                  "nnUNetTrainerSAUMambaRFACOnly", "nnUNetTrainerSAUMamba_300epochs", "nnUNetTrainerSAUMambaSGD",
                  "nnUNetTrainerSAUMambaImageNet", "nnUNetTrainerSAUMambaNoDeepSupervision",
-                 "nnUNetTrainerSAUMambaRSSSDecoder", "nnUNetTrainerSAUMambaReference"):
+                 "nnUNetTrainerSAUMambaRSSSDecoder", "nnUNetTrainerSAUMambaReference",
+                 "nnUNetTrainerSAUMambaNoCudaGraphs"):
         found = recursive_find_trainer_class_by_name(name)
         assert found.__name__ == name and issubclass(found, nnUNetTrainerSAUMamba)

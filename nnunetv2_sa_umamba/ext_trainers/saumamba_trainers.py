@@ -2,8 +2,9 @@
 from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import nnUNetTrainerSAUMamba  # noqa: F401
 from nnunetv2_sa_umamba.training.variants.initialization import nnUNetTrainerSAUMambaImageNet  # noqa: F401
 from nnunetv2_sa_umamba.training.variants.network_architecture import (  # noqa: F401
-    nnUNetTrainerSAUMambaNoDeepSupervision, nnUNetTrainerSAUMambaReference, nnUNetTrainerSAUMambaRFACOnly,
-    nnUNetTrainerSAUMambaRSSSDecoder, nnUNetTrainerSAUMambaScaleOnly, nnUNetTrainerVMUNet)
+    nnUNetTrainerSAUMambaNoCudaGraphs, nnUNetTrainerSAUMambaNoDeepSupervision, nnUNetTrainerSAUMambaReference,
+    nnUNetTrainerSAUMambaRFACOnly, nnUNetTrainerSAUMambaRSSSDecoder, nnUNetTrainerSAUMambaScaleOnly,
+    nnUNetTrainerVMUNet)
 from nnunetv2_sa_umamba.training.variants.optimizer import nnUNetTrainerSAUMambaSGD  # noqa: F401
 from nnunetv2_sa_umamba.training.variants.training_length import (  # noqa: F401
     nnUNetTrainerSAUMamba_1epoch, nnUNetTrainerSAUMamba_5epochs, nnUNetTrainerSAUMamba_300epochs)

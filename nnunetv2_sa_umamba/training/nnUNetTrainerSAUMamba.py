@@ -16,6 +16,7 @@ from torch._dynamo import OptimizedModule
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
+from nnunetv2_sa_umamba.training.cuda_graphs import enable_training_graphs
 
 
 class CosineToMinLRScheduler(_LRScheduler):
@@ -57,6 +58,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
     decoder_block: str = "vss"
     implementation: str = "fast"
     fused_optimizer: bool = True  # torch's fused AdamW on CUDA
+    cuda_graphs: bool = True  # training steps replayed as CUDA graphs (single GPU, not compiled)
     size_multiple: int = 32
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -94,6 +96,18 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         # wait for their gradients.
         network.deep_supervision_heads.requires_grad_(enable_deep_supervision)
         return network
+
+    def initialize(self) -> None:
+        super().initialize()
+        if self._use_cuda_graphs():
+            enable_training_graphs(self.network)
+            self.print_to_log_file("Training steps run as CUDA graphs (recorded at the first step; "
+                                   "nnUNetTrainerSAUMambaNoCudaGraphs turns this off).")
+
+    def _use_cuda_graphs(self) -> bool:
+        # DDP's gradient hooks and torch.compile's own graphs do not mix with make_graphed_callables
+        return (self.cuda_graphs and self.device.type == "cuda" and not self.is_ddp
+                and not isinstance(self.network, OptimizedModule))
 
     def _set_batch_size_and_oversample(self) -> None:
         if self.is_ddp:

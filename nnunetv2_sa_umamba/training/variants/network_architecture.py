@@ -31,6 +31,12 @@ class nnUNetTrainerSAUMambaReference(nnUNetTrainerSAUMamba):
     values, slower. Weights are interchangeable with the default trainer's."""
     implementation = "reference"
     fused_optimizer = False
+    cuda_graphs = False
+
+
+class nnUNetTrainerSAUMambaNoCudaGraphs(nnUNetTrainerSAUMamba):
+    """Training steps launched kernel by kernel (for profiling, or where CUDA graphs misbehave)."""
+    cuda_graphs = False
 
 
 class nnUNetTrainerSAUMambaNoDeepSupervision(nnUNetTrainerSAUMamba):

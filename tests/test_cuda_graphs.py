@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
+from nnunetv2_sa_umamba.training.cuda_graphs import enable_training_graphs, graphs_enabled, graphs_recorded
+
+SMALL = dict(dims=(24, 48, 96, 192))
+
+
+def test_off_cuda_the_network_runs_its_ordinary_forward():
+    torch.manual_seed(0)
+    plain = SAUMamba(3, 2, drop_path_rate=0.0, **SMALL)
+    graphed = SAUMamba(3, 2, drop_path_rate=0.0, **SMALL)
+    graphed.load_state_dict(plain.state_dict())
+    assert enable_training_graphs(graphed) is graphed and graphs_enabled(graphed)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(graphed(x), plain(x))
+    assert not graphs_recorded(graphed)
+    # the state dict (what checkpoints hold) is untouched
+    assert list(graphed.state_dict()) == list(plain.state_dict())
+
+
+def test_enabling_twice_keeps_one_wrapper_and_hooks_are_refused():
+    network = SAUMamba(3, 2, **SMALL)
+    enable_training_graphs(network)
+    wrapper = network.forward
+    enable_training_graphs(network)
+    assert network.forward is wrapper
+    hooked = SAUMamba(3, 2, **SMALL)
+    hooked.register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="hooks"):
+        enable_training_graphs(hooked)
+
+
+def _train_steps(network, inputs, autocast_dtype):
+    """Outputs and gradients of AdamW steps on ``inputs``, one batch per step."""
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+    outputs, grads = [], []
+    for x in inputs:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            out = network(x)
+            loss = sum((o.float() ** 2).mean() for o in out)
+        loss.backward()
+        optimizer.step()
+        outputs.append(out[0].detach().float())
+        grads.append(torch.cat([p.grad.flatten().float() for p in network.parameters()]))
+    return outputs, grads
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_graphed_training_matches_eager_training(autocast_dtype, monkeypatch):
+    """Four AdamW steps on different batches: the replayed graphs give the eager outputs, gradients, weights and
+    batch-norm statistics. Two eager runs already differ (atomic adds in the fused kernels and the scan sum in
+    any order), so the graphs are compared with that spread. In float32 (TF32 off) it stays tiny and every step
+    is checked; under bf16 autocast rounding amplifies it (two eager runs' gradients differ by ~20% after one
+    step), so only the first step's outputs and the weights after four steps are meaningful there. A stale or
+    misplaced tensor gives errors of order 1. Eval mode and other shapes run the ordinary forward."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    networks = [SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, **SMALL).to(device) for _ in range(3)]
+    eager, eager_again, graphed = networks
+    for network in (eager_again, graphed):
+        network.load_state_dict(eager.state_dict())
+    enable_training_graphs(graphed)
+    inputs = [torch.randn(4, 3, 96, 128, device=device) for _ in range(4)]
+
+    expected = _train_steps(eager, inputs, autocast_dtype)
+    repeated = _train_steps(eager_again, inputs, autocast_dtype)
+    replayed = _train_steps(graphed, inputs, autocast_dtype)
+    assert graphs_recorded(graphed)
+    checked_steps = 4 if autocast_dtype is None else 1
+    for kind, exp, rep, gra in zip(("output", "gradient"), expected, repeated, replayed):
+        for step, (e, r, g) in enumerate(zip(exp, rep, gra)):
+            noise, error = _relative_error(r, e), _relative_error(g, e)
+            print(f"[{autocast_dtype}] step {step} {kind}: eager vs eager {noise:.1e}, graphs vs eager {error:.1e}")
+            if step < checked_steps and (kind == "output" or autocast_dtype is None):
+                assert error < max(10 * noise, 1e-4), (step, kind)
+    # weights and batch-norm running statistics (the recording's warm-up passes must not have moved them)
+    states = [torch.cat([v.flatten().float() for v in n.state_dict().values()]) for n in networks]
+    noise, error = _relative_error(states[1], states[0]), _relative_error(states[2], states[0])
+    print(f"[{autocast_dtype}] state dict after 4 steps: eager vs eager {noise:.1e}, graphs vs eager {error:.1e}")
+    assert error < max(10 * noise, 1e-5)
+
+    autocast = torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+    with autocast:
+        assert graphed(torch.randn(2, 3, 64, 64, device=device))[0].shape == (2, 2, 64, 64)
+        graphed.eval()
+        with torch.no_grad():
+            # eval mode: the ordinary forward on the same weights
+            torch.testing.assert_close(graphed(inputs[0])[0], type(graphed).forward(graphed, inputs[0])[0])
+
+
+@pytest.mark.cuda
+def test_graphs_record_once_and_replay_with_drop_path():
+    """With drop path on, every replay draws new random numbers (the generator advances), so two steps on the
+    same batch differ, as in eager training."""
+    torch.manual_seed(0)
+    network = enable_training_graphs(SAUMamba(3, 2, drop_path_rate=0.5, **SMALL).cuda())
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        first = network(x).detach().clone()
+        wrapper_state = network.forward.graphed_forward
+        second = network(x).detach().clone()
+    assert network.forward.graphed_forward is wrapper_state
+    assert not torch.equal(first, second)
