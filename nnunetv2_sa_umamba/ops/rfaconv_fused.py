@@ -48,7 +48,8 @@ class _RFAConvChain(torch.autograd.Function):
         kernels = _kernels()
         scale = (gamma.float() * rstd).contiguous()
         shift = (beta.float() - mean * scale).contiguous()
-        weighted = kernels.weighted_features(x, wf, wc, scale, shift, compute_dtype)
+        precision = kernels.products_precision(compute_dtype)
+        weighted = kernels.weighted_features(x, wf, wc, scale, shift, compute_dtype, precision)
         out = torch.addmm(b_out.to(compute_dtype), weighted, w_out.to(compute_dtype).t())
         ctx.save_for_backward(x, wf, wc, gamma, w_out, mean, rstd, scale, shift)
         ctx.batch_stats, ctx.compute_dtype = batch_stats, compute_dtype
@@ -60,16 +61,17 @@ class _RFAConvChain(torch.autograd.Function):
         kernels = _kernels()
         x, wf, wc, gamma, w_out, mean, rstd, scale, shift = ctx.saved_tensors
         dtype = ctx.compute_dtype
+        precision = kernels.products_precision(dtype)
         n = x.numel() // x.shape[-1]
         grad_out = grad_out.reshape(n, x.shape[-1]).to(dtype)
-        weighted = kernels.weighted_features(x, wf, wc, scale, shift, dtype)  # recomputed, never stored
+        weighted = kernels.weighted_features(x, wf, wc, scale, shift, dtype, precision)  # recomputed, never stored
         grad_w_out = (grad_out.t() @ weighted).float()
         del weighted
         grad_b_out = grad_out.float().sum(0)
         # dL/dweighted in the (P, 9, C) layout that the kernels read
         grad_weighted = grad_out @ w_out.to(dtype)
         grad_pooled, grad_y_sum, grad_y_f_sum, grad_wc = kernels.backward_reduce(x, wf, wc, scale, shift,
-                                                                                 grad_weighted)
+                                                                                 grad_weighted, precision)
         gamma = gamma.float()
         grad_gamma = rstd * (grad_y_f_sum - mean * grad_y_sum)  # sum of dL/dy * normalised f
         grad_beta = grad_y_sum
@@ -80,7 +82,7 @@ class _RFAConvChain(torch.autograd.Function):
         else:
             coef_f = coef_1 = torch.zeros_like(coef_y)
         grad_f, grad_wf = kernels.backward_features(x, wf, wc, scale, shift, grad_weighted, coef_y.contiguous(),
-                                                    coef_f.contiguous(), coef_1.contiguous())
+                                                    coef_f.contiguous(), coef_1.contiguous(), precision)
         del grad_weighted
         grad_x = kernels.backward_input(x, wf, grad_f, grad_pooled)
         grads = (grad_x, grad_wf, grad_wc, grad_gamma, grad_beta, grad_w_out, grad_b_out)
@@ -101,7 +103,8 @@ def _batch_norm_statistics(bn: nn.BatchNorm2d, x: torch.Tensor, wf: torch.Tensor
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{[1, c * POSITIONS, 1, 1]}")
     with torch.no_grad():
-        total, total_sq = _kernels().feature_statistics(x, wf)
+        kernels = _kernels()
+        total, total_sq = kernels.feature_statistics(x, wf, kernels.products_precision(_compute_dtype(x)))
         mean = total / n
         # float32 sums: exact enough unless |mean| is far above the standard deviation of f
         var = (total_sq / n - mean * mean).clamp_min(0)
