@@ -43,7 +43,8 @@ def _train_steps(network, inputs, autocast_dtype):
             loss = sum((o.float() ** 2).mean() for o in out)
         loss.backward()
         optimizer.step()
-        outputs.append(out[0].detach().float())
+        # a copy: a replayed graph writes every step's outputs into the same tensors
+        outputs.append(out[0].detach().float().clone())
         grads.append(torch.cat([p.grad.flatten().float() for p in network.parameters()]))
     return outputs, grads
 

@@ -7,7 +7,8 @@ and then replays each with one launch: the same kernels on the same tensors, so 
 
 Only calls that look like the recorded one replay the graphs: training mode, gradients on, a CUDA input of the
 recorded shape and dtype, the same autocast setting, the same trainable parameters. Any other call (validation,
-prediction, another patch size) runs the ordinary forward.
+prediction, another patch size) runs the ordinary forward. As with any CUDA graph, a replay writes its outputs
+into the same tensors every step: copy an output that must outlive the next training step.
 """
 from __future__ import annotations
 
