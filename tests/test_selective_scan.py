@@ -11,7 +11,8 @@ import torch
 
 from nnunetv2_sa_umamba.ops import scan_cuda, selective_scan as dispatch
 from nnunetv2_sa_umamba.ops.scan_torch import selective_scan_reference, selective_scan_torch
-from nnunetv2_sa_umamba.ops.selective_scan import available_backends, resolve_backend, selective_scan
+from nnunetv2_sa_umamba.ops.selective_scan import (available_backends, resolve_backend, selective_scan,
+                                                   selective_scan_lowrank_delta)
 
 ENV = dispatch.ENV_VAR
 
@@ -251,6 +252,39 @@ def test_bad_shapes_name_the_argument():
         selective_scan(**{**inputs, "D": inputs["D"][:4]}, backend="torch")
 
 
+def lowrank_inputs(batch=2, groups=2, dim_per_group=4, rank=3, length=37, dtype=torch.float64, device="cpu"):
+    """Scan inputs whose delta is delta_weight @ delta_low per group, as SS2D forms it."""
+    inputs = make_inputs(batch, groups * dim_per_group, length, 4, groups, dtype=dtype, device=device)
+    del inputs["delta"]
+    g = torch.Generator().manual_seed(1)
+    inputs["delta_low"] = torch.randn(batch, groups, rank, length, generator=g, dtype=torch.float64).to(device, dtype)
+    inputs["delta_weight"] = (torch.randn(groups, dim_per_group, rank, generator=g, dtype=torch.float64) * 0.5).to(
+        device, dtype)
+    return inputs
+
+
+def projected_then_scanned(delta_low, delta_weight, backend, **inputs):
+    """delta formed channel by channel (channel g * dim_per_group + j of group g), then the plain scan."""
+    groups, dim_per_group, _ = delta_weight.shape
+    delta = torch.cat([torch.einsum("jr,brl->bjl", delta_weight[g], delta_low[:, g]) for g in range(groups)], 1)
+    return selective_scan(delta=delta, backend=backend, **inputs)
+
+
+def test_lowrank_delta_scan_matches_projected_delta():
+    inputs = lowrank_inputs()
+    weight = torch.randn(2, 8, 37, dtype=torch.float64)
+    y, grads = run(selective_scan_lowrank_delta, inputs, weight, delta_softplus=True, backend="torch")
+    y_ref, g_ref = run(projected_then_scanned, inputs, weight, delta_softplus=True, backend="reference")
+    assert rel_err(y, y_ref) < 1e-10
+    assert max(rel_err(grads[k], g_ref[k]) for k in g_ref) < 1e-10
+
+
+def test_lowrank_delta_shapes_are_checked():
+    inputs = lowrank_inputs()
+    with pytest.raises(ValueError, match="delta_weight \\(groups, dim / groups, R\\)"):
+        selective_scan_lowrank_delta(**{**inputs, "delta_weight": inputs["delta_weight"][:, :3]}, backend="torch")
+
+
 # ---- CUDA kernel (run on a GPU with mamba-ssm's selective_scan_cuda built) ----
 
 needs_kernel = pytest.mark.skipif(not scan_cuda.kernel_available(),
@@ -336,6 +370,25 @@ def test_opcheck_cuda_op(optional):
     out, x = torch.ops.saumamba.scan_cuda_fwd(*plain, D, bias, True)
     torch.library.opcheck(torch.ops.saumamba.scan_cuda_bwd.default,
                           (torch.randn_like(out), *plain, D, bias, x, True))
+
+
+@pytest.mark.cuda
+@needs_kernel
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_cuda_lowrank_delta_matches_torch_backend(dtype, tol):
+    """The op that recomputes delta in its backward: forward and every gradient (delta_low and delta_weight
+    included) against the torch backend on the projected delta."""
+    inputs = {k: v.to(dtype) if k in ("u", "delta_low", "delta_weight", "B", "C") else v
+              for k, v in lowrank_inputs(2, 4, 24, 6, 300, dtype=torch.float32, device="cuda").items()}
+    weight = torch.randn(2, 96, 300, device="cuda")
+    y, grads = run(selective_scan_lowrank_delta, inputs, weight, delta_softplus=True, backend="cuda")
+    y_t, g_t = run(projected_then_scanned, inputs, weight, delta_softplus=True, backend="torch")
+    errors = report(f"cuda low-rank delta vs torch {dtype}", y, y_t, grads, g_t)
+    assert y.dtype == dtype and grads["delta_weight"].dtype == dtype
+    assert max(errors.values()) < tol
+    args = [inputs[k].clone().requires_grad_() for k in ("u", "delta_low", "delta_weight", "A", "B", "C", "D",
+                                                             "delta_bias")]
+    torch.library.opcheck(torch.ops.saumamba.scan_cuda_lowrank_delta_fwd.default, (*args, True))
 
 
 @pytest.mark.cuda

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm_gate
-from nnunetv2_sa_umamba.ops.selective_scan import selective_scan
+from nnunetv2_sa_umamba.ops.selective_scan import selective_scan, selective_scan_lowrank_delta
 from nnunetv2_sa_umamba.ops.triton_dispatch import use_triton
 
 IMPLEMENTATIONS = ("reference", "fast")
@@ -190,10 +190,12 @@ class SS2D(nn.Module):
             # per-direction projections as broadcast batched matmuls: no einsum permute copies
             x_dbl = torch.matmul(self.x_proj_weight.to(dtype), xs)
             dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-            dts = torch.matmul(self.dt_projs_weight.to(dtype), dts)
+            dt_weight = self.dt_projs_weight.to(dtype)
         a, ds, dt_bias = self._scan_parameters()
-        ys = selective_scan(
-            xs.view(b, k * d, length), dts.view(b, k * d, length), a, bs.contiguous(), cs.contiguous(), ds,
+        # delta = dt_weight @ dts per direction, inside the scan: its backward recomputes delta (2C rows per
+        # direction) from dts (C / 16 rows) instead of keeping it
+        ys = selective_scan_lowrank_delta(
+            xs.view(b, k * d, length), dts, dt_weight, a, bs.contiguous(), cs.contiguous(), ds,
             delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
         ).view(b, k, d, length)
         if fused:

@@ -163,3 +163,25 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     impl = {"cuda": scan_cuda.selective_scan_cuda, "torch": selective_scan_torch,
             "reference": selective_scan_reference}[name]
     return impl(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def selective_scan_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Tensor, A: Tensor, B: Tensor,
+                                 C: Tensor, D: Tensor | None = None, delta_bias: Tensor | None = None,
+                                 delta_softplus: bool = False, backend: str | None = None) -> Tensor:
+    """``selective_scan`` with delta = delta_weight (groups, dim / groups, R) @ delta_low (batch, groups, R, L)
+    per group (SS2D's dt projection). Same values; with the ``cuda`` backend the backward recomputes delta from
+    delta_low instead of keeping it. u, delta_low and delta_weight share one dtype."""
+    groups = delta_low.shape[1] if delta_low.dim() == 4 else -1
+    if delta_low.dim() != 4 or delta_low.shape[0] != u.shape[0] or delta_low.shape[3] != u.shape[2] \
+            or delta_weight.dim() != 3 or delta_weight.shape[0] != groups \
+            or delta_weight.shape[2] != delta_low.shape[2] or groups * delta_weight.shape[1] != u.shape[1]:
+        raise ValueError(f"selective_scan_lowrank_delta: for u {tuple(u.shape)}, delta_low must be (batch, groups, "
+                         f"R, L) and delta_weight (groups, dim / groups, R) with groups * dim / groups = "
+                         f"{u.shape[1]}; got {tuple(delta_low.shape)} and {tuple(delta_weight.shape)}")
+    name = _choose_backend(u.device, backend)
+    if name == "cuda":
+        _check_shapes(u, u, A, B, C, D, delta_bias)
+        return scan_cuda.selective_scan_cuda_lowrank_delta(u, delta_low, delta_weight, A, B, C, D, delta_bias,
+                                                           delta_softplus)
+    return selective_scan(u, scan_cuda.project_delta(delta_weight, delta_low), A, B, C, D, delta_bias,
+                          delta_softplus, backend=name)
