@@ -19,6 +19,7 @@ time, the host's kernel launches, not the GPU, set the pace.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import platform
@@ -191,6 +192,11 @@ def run(args) -> list[Row]:
                 except torch.OutOfMemoryError:
                     row.note = "out of memory"
                 del model
+                # a graphed model's forward refers back to it: collect the cycle, so that its graph pool is freed
+                # before the next row measures memory
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 rows.append(row)
                 print(format_row(row, rows), flush=True)
     return rows
