@@ -36,7 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
 from nnunetv2_sa_umamba.ops.selective_scan import available_backends  # noqa: E402
-from nnunetv2_sa_umamba.training.cuda_graphs import enable_training_graphs  # noqa: E402
+from nnunetv2_sa_umamba.training.cuda_graphs import enable_training_graphs, graphs_recorded  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -189,6 +189,8 @@ def run(args) -> list[Row]:
                         model, x, target, dtype_name, args.warmup, args.iters, fused)
                     if args.profile:
                         profile_training_step(model, x, target, dtype_name, args.profile, str(row), fused)
+                    if name == "fast+graphs" and not graphs_recorded(model):
+                        row.note = "CUDA graphs not recorded: ran kernel by kernel"
                 except torch.OutOfMemoryError:
                     row.note = "out of memory"
                 del model

@@ -2,7 +2,11 @@ import pytest
 import torch
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.training.cuda_graphs import enable_training_graphs, graphs_enabled, graphs_recorded
+import copy
+import pickle
+
+from nnunetv2_sa_umamba.training.cuda_graphs import (disable_training_graphs, enable_training_graphs, graphs_enabled,
+                                                     graphs_recorded)
 
 SMALL = dict(dims=(24, 48, 96, 192))
 
@@ -30,6 +34,19 @@ def test_enabling_twice_keeps_one_wrapper_and_hooks_are_refused():
     hooked.register_forward_hook(lambda *args: None)
     with pytest.raises(ValueError, match="hooks"):
         enable_training_graphs(hooked)
+
+
+def test_copies_get_their_own_unrecorded_wrapper_and_disabling_restores_the_forward():
+    network = enable_training_graphs(SAUMamba(3, 2, **SMALL))
+    for duplicate in (copy.deepcopy(network), pickle.loads(pickle.dumps(network))):
+        # graphs belong to the original's tensors: a copy must record its own
+        assert graphs_enabled(duplicate) and not graphs_recorded(duplicate)
+        assert duplicate.forward.network is duplicate
+        x = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(duplicate.eval()(x), network.eval()(x))
+    disable_training_graphs(network)
+    assert not graphs_enabled(network) and "forward" not in network.__dict__
+    disable_training_graphs(network)  # a no-op the second time
 
 
 def _train_steps(network, inputs, autocast_dtype):
@@ -97,6 +114,24 @@ def test_graphed_training_matches_eager_training(autocast_dtype, monkeypatch):
         with torch.no_grad():
             # eval mode: the ordinary forward on the same weights
             torch.testing.assert_close(graphed(inputs[0])[0], type(graphed).forward(graphed, inputs[0])[0])
+
+
+@pytest.mark.cuda
+def test_gradients_accumulated_over_steps_match_eager():
+    """Without zeroing between steps the replay's static gradient buffers would be counted twice (PyTorch issue
+    181723): such steps run the ordinary forward, and the sums match eager ones."""
+    torch.manual_seed(0)
+    eager = SAUMamba(3, 2, drop_path_rate=0.0, **SMALL).cuda()
+    graphed = SAUMamba(3, 2, drop_path_rate=0.0, **SMALL).cuda()
+    graphed.load_state_dict(eager.state_dict())
+    enable_training_graphs(graphed)
+    inputs = [torch.randn(2, 3, 64, 64, device="cuda") for _ in range(3)]
+    for network in (eager, graphed):
+        for x in inputs:  # one backward per batch, gradients summed, never zeroed
+            (network(x).float() ** 2).mean().backward()
+    assert graphs_recorded(graphed)
+    for (name, a), b in zip(graphed.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.cuda

@@ -35,7 +35,8 @@ CONFIGS = {
 # Under 16-bit autocast ("tf32" products) these kernels compute f as one matrix product per channel, (positions
 # x taps) @ (taps x k), with their own tiles; otherwise, and in the other kernels, f is 9 broadcast multiply-adds.
 # Chosen on an H100 from a sweep at the four stage shapes of a 28 x 256 x 256 batch (bf16 autocast): statistics
-# 0.71 -> 0.45 ms, reduction pass 5.26 -> 3.30 ms summed over the four shapes.
+# 0.71 -> 0.45 ms, reduction pass 5.26 -> 3.30 ms summed over the four shapes. The passes then see f rounded
+# differently (TF32 products vs float32 multiply-adds), far below autocast's own 16-bit rounding of it.
 DOT_CONFIGS = {"stats": (32, 32, 8, 1), "backward_reduce": (16, 16, 2, 1)}
 
 

@@ -6,12 +6,15 @@ and then replays each with one launch: the same kernels on the same tensors, so 
 (drop path) come from the same generator, advanced on every replay.
 
 Only calls that look like the recorded one replay the graphs: training mode, gradients on, a CUDA input of the
-recorded shape and dtype, the same autocast setting, the same trainable parameters. Any other call (validation,
-prediction, another patch size) runs the ordinary forward. As with any CUDA graph, a replay writes its outputs
+recorded shape and dtype, the same autocast setting, the same trainable parameters where they were, and no
+gradient left from before (nnU-Net zeroes with set_to_none=True). Any other call (validation, prediction, another
+patch size, gradient accumulation over steps) runs the ordinary forward. As with any CUDA graph, a replay writes its outputs
 into the same tensors every step: copy an output that must outlive the next training step.
 """
 from __future__ import annotations
 
+import gc
+import inspect
 import warnings
 
 import torch
@@ -26,9 +29,26 @@ def _call_signature(network: nn.Module, x: torch.Tensor) -> tuple | None:
             or torch.compiler.is_compiling():
         return None
     autocast = torch.is_autocast_enabled("cuda")
+    parameters = list(network.parameters())
+    if any(p.grad is not None for p in parameters if p.requires_grad):
+        # a replay hands autograd its static gradient buffers, which then become .grad and are overwritten by the
+        # next replay: accumulating over steps, or zeroing in place, would count gradients twice (PyTorch issue
+        # 181723). nnU-Net zeroes with set_to_none=True, so its steps replay.
+        return None
     return (tuple(x.shape), x.dtype, x.device, x.requires_grad, autocast,
             torch.get_autocast_dtype("cuda") if autocast else None, torch.are_deterministic_algorithms_enabled(),
-            getattr(network, "deep_supervision", None), tuple(p.requires_grad for p in network.parameters()))
+            getattr(network, "deep_supervision", None), tuple(p.requires_grad for p in parameters),
+            # the graphs read the parameters where they were when recorded (.to(), .half(), assign=True loads
+            # move them)
+            tuple(p.data_ptr() for p in parameters))
+
+
+def _capture_mode() -> dict:
+    """thread_local where torch offers the choice (2.13+): then CUDA calls of other threads, such as nnU-Net's
+    pin-memory thread, may go on during the recording instead of invalidating it."""
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        return {"capture_error_mode": "thread_local"}
+    return {}
 
 
 class _TrainingGraphs:
@@ -40,6 +60,11 @@ class _TrainingGraphs:
         self.signature = None
         self.graphed_forward = None
         self.failed = False
+
+    def __reduce__(self):
+        # a deep copy (or an unpickled copy) of the network gets its own wrapper, unrecorded: the graphs belong to
+        # the original's tensors
+        return _TrainingGraphs, (self.network,)
 
     def __call__(self, x: torch.Tensor, *args, **kwargs):
         signature = None if args or kwargs or self.failed else _call_signature(self.network, x)
@@ -61,10 +86,12 @@ class _TrainingGraphs:
             # make_graphed_callables refuses autocast's weight cache: its cast copies would outlive the recording
             with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
                 torch.cuda.make_graphed_callables(network, (x.detach().clone().requires_grad_(x.requires_grad),),
-                                                  num_warmup_iters=WARMUP_STEPS, allow_unused_input=True)
+                                                  num_warmup_iters=WARMUP_STEPS, allow_unused_input=True,
+                                                  **_capture_mode())
             self.graphed_forward = network.forward
             self.signature = signature
-        except RuntimeError as error:
+            torch.cuda.empty_cache()  # the warm-up passes' blocks, cached on their side stream
+        except Exception as error:  # noqa: BLE001 - any failure to record leaves eager training, which works
             self.failed = True
             warnings.warn(f"Recording the training step as CUDA graphs failed ({error}); training continues "
                           f"without them.", RuntimeWarning, stacklevel=3)
@@ -86,6 +113,19 @@ def enable_training_graphs(network: nn.Module) -> nn.Module:
                          "then register hooks")
     network.forward = _TrainingGraphs(network)
     return network
+
+
+def disable_training_graphs(network: nn.Module) -> None:
+    """Back to the ordinary forward; frees the graphs and the memory they keep reserved (e.g. before the final
+    validation)."""
+    graphs = network.__dict__.get("forward")
+    if not isinstance(graphs, _TrainingGraphs):
+        return
+    del network.forward
+    graphs.network = graphs.eager_forward = graphs.graphed_forward = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def graphs_enabled(network: nn.Module) -> bool:

@@ -16,7 +16,7 @@ from torch._dynamo import OptimizedModule
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.training.cuda_graphs import enable_training_graphs
+from nnunetv2_sa_umamba.training.cuda_graphs import disable_training_graphs, enable_training_graphs
 
 
 class CosineToMinLRScheduler(_LRScheduler):
@@ -103,6 +103,11 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
             enable_training_graphs(self.network)
             self.print_to_log_file("Training steps run as CUDA graphs (recorded at the first step; "
                                    "nnUNetTrainerSAUMambaNoCudaGraphs turns this off).")
+
+    def on_train_end(self) -> None:
+        # the final validation and prediction run the ordinary forward: free the graphs' reserved memory first
+        disable_training_graphs(self.network)
+        super().on_train_end()
 
     def _use_cuda_graphs(self) -> bool:
         # DDP's gradient hooks and torch.compile's own graphs do not mix with make_graphed_callables
