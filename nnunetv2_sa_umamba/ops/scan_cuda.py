@@ -64,13 +64,17 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tens
     return out, x
 
 
-@_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
+def _fake_states(u: Tensor, A: Tensor) -> Tensor:
+    """The saved states x the kernel returns for u (batch, dim, L): float32, (batch, dim, n_chunks, 2 N)."""
     b, d, length = u.shape
     n_chunks = (length + _KERNEL_CHUNK - 1) // _KERNEL_CHUNK
+    return u.new_empty((b, d, n_chunks, 2 * A.shape[1]), dtype=torch.float32)
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
     # the kernel allocates out with empty_like(delta)
-    return (torch.empty_like(_last_dim_contiguous(delta)),
-            u.new_empty((b, d, n_chunks, 2 * A.shape[1]), dtype=torch.float32))
+    return torch.empty_like(_last_dim_contiguous(delta)), _fake_states(u, A)
 
 
 @torch.library.custom_op("saumamba::scan_cuda_bwd", mutates_args=(), device_types="cuda")
@@ -131,10 +135,8 @@ def _scan_lowrank_delta_fwd(u: Tensor, delta_low: Tensor, delta_weight: Tensor, 
 
 @_scan_lowrank_delta_fwd.register_fake
 def _(u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus):
-    b, d, length = u.shape
-    n_chunks = (length + _KERNEL_CHUNK - 1) // _KERNEL_CHUNK
-    return (u.new_empty((b, d, length), dtype=torch.promote_types(delta_weight.dtype, delta_low.dtype)),
-            u.new_empty((b, d, n_chunks, 2 * A.shape[1]), dtype=torch.float32))
+    return (u.new_empty(u.shape, dtype=torch.promote_types(delta_weight.dtype, delta_low.dtype)),
+            _fake_states(u, A))
 
 
 def _lowrank_setup_context(ctx, inputs, output):
@@ -159,6 +161,17 @@ def _lowrank_backward(ctx, dout, _dx):
 _scan_lowrank_delta_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
 
 
+def _kernel_operands(u: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                     delta_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """A, B, C, D, delta_bias as the kernel takes them beside u: B and C in u's dtype, the rest float32."""
+    if u.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the cuda selective-scan kernel takes float32/float16/bfloat16 inputs, got "
+                        f"{u.dtype}; use backend='torch' for other dtypes.")
+    f32 = torch.float32
+    return (A.to(f32), B.to(u.dtype), C.to(u.dtype), None if D is None else D.to(f32),
+            None if delta_bias is None else delta_bias.to(f32))
+
+
 def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                         D: Tensor | None = None, delta_bias: Tensor | None = None,
                         delta_softplus: bool = False) -> Tensor:
@@ -166,14 +179,8 @@ def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
 
     delta, B, C are cast to u's dtype and A, D, delta_bias to float32, as the kernel requires.
     """
-    if u.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the cuda selective-scan kernel takes float32/float16/bfloat16 inputs, got "
-                        f"{u.dtype}; use backend='torch' for other dtypes.")
-    f32 = torch.float32
-    out, _ = torch.ops.saumamba.scan_cuda_fwd(
-        u, delta.to(u.dtype), A.to(f32), B.to(u.dtype), C.to(u.dtype),
-        None if D is None else D.to(f32), None if delta_bias is None else delta_bias.to(f32),
-        delta_softplus)
+    operands = _kernel_operands(u, A, B, C, D, delta_bias)
+    out, _ = torch.ops.saumamba.scan_cuda_fwd(u, delta.to(u.dtype), *operands, delta_softplus)
     return out
 
 
@@ -184,11 +191,9 @@ def selective_scan_cuda_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight
     recomputes delta instead of keeping it: for SS2D R = ceil(C / 16) rows per direction instead of 2C (peak
     training memory 6.57 -> 5.59 GiB at batch 28 x 3 x 256 x 256 under bf16 autocast on an H100). delta_weight
     and delta_low must have u's dtype."""
-    if u.dtype not in KERNEL_DTYPES or delta_low.dtype != u.dtype or delta_weight.dtype != u.dtype:
-        raise TypeError(f"the cuda selective-scan kernel takes u, delta_low and delta_weight of one dtype out of "
-                        f"float32/float16/bfloat16, got {u.dtype}, {delta_low.dtype}, {delta_weight.dtype}")
-    f32 = torch.float32
-    out, _ = torch.ops.saumamba.scan_cuda_lowrank_delta_fwd(
-        u, delta_low, delta_weight, A.to(f32), B.to(u.dtype), C.to(u.dtype),
-        None if D is None else D.to(f32), None if delta_bias is None else delta_bias.to(f32), delta_softplus)
+    operands = _kernel_operands(u, A, B, C, D, delta_bias)
+    if delta_low.dtype != u.dtype or delta_weight.dtype != u.dtype:
+        raise TypeError(f"the cuda selective-scan kernel takes u, delta_low and delta_weight of one dtype, got "
+                        f"{u.dtype}, {delta_low.dtype}, {delta_weight.dtype}")
+    out, _ = torch.ops.saumamba.scan_cuda_lowrank_delta_fwd(u, delta_low, delta_weight, *operands, delta_softplus)
     return out
