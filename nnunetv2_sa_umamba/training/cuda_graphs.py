@@ -37,10 +37,10 @@ def _call_signature(network: nn.Module, x: torch.Tensor) -> tuple | None:
         return None
     return (tuple(x.shape), x.dtype, x.device, x.requires_grad, autocast,
             torch.get_autocast_dtype("cuda") if autocast else None, torch.are_deterministic_algorithms_enabled(),
-            getattr(network, "deep_supervision", None), tuple(p.requires_grad for p in parameters),
+            getattr(network, "deep_supervision", None),
             # the graphs read the parameters where they were when recorded (.to(), .half(), assign=True loads
             # move them)
-            tuple(p.data_ptr() for p in parameters))
+            tuple((p.requires_grad, p.data_ptr()) for p in parameters))
 
 
 def _capture_mode() -> dict:
@@ -68,13 +68,11 @@ class _TrainingGraphs:
 
     def __call__(self, x: torch.Tensor, *args, **kwargs):
         signature = None if args or kwargs or self.failed else _call_signature(self.network, x)
-        if signature is None:
-            return self.eager_forward(x, *args, **kwargs)
-        if self.graphed_forward is None:
+        if signature is not None and self.graphed_forward is None:
             self._record(x, signature)
-            if self.failed:
-                return self.eager_forward(x)
-        return self.graphed_forward(x) if signature == self.signature else self.eager_forward(x)
+        if signature is None or signature != self.signature:  # also after a failed recording
+            return self.eager_forward(x, *args, **kwargs)
+        return self.graphed_forward(x)
 
     def _record(self, x: torch.Tensor, signature: tuple) -> None:
         network = self.network
@@ -106,7 +104,7 @@ def enable_training_graphs(network: nn.Module) -> nn.Module:
     """Make ``network``'s training steps replay as CUDA graphs from its first training call on (see the module
     docstring for when). Returns ``network``, whose parameters, buffers and state dict are unchanged. Not for
     DDP-wrapped or torch.compile'd networks: pass the plain module before wrapping."""
-    if isinstance(network.forward, _TrainingGraphs):
+    if _graphs(network) is not None:
         return network
     if network._forward_hooks or network._forward_pre_hooks or network._backward_hooks:
         raise ValueError("make_graphed_callables needs a network without module hooks; enable the graphs first, "
@@ -118,8 +116,8 @@ def enable_training_graphs(network: nn.Module) -> nn.Module:
 def disable_training_graphs(network: nn.Module) -> None:
     """Back to the ordinary forward; frees the graphs and the memory they keep reserved (e.g. before the final
     validation)."""
-    graphs = network.__dict__.get("forward")
-    if not isinstance(graphs, _TrainingGraphs):
+    graphs = _graphs(network)
+    if graphs is None:
         return
     del network.forward
     graphs.network = graphs.eager_forward = graphs.graphed_forward = None
@@ -128,10 +126,15 @@ def disable_training_graphs(network: nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
+def _graphs(network: nn.Module) -> _TrainingGraphs | None:
+    graphs = network.__dict__.get("forward")
+    return graphs if isinstance(graphs, _TrainingGraphs) else None
+
+
 def graphs_enabled(network: nn.Module) -> bool:
-    return isinstance(network.__dict__.get("forward"), _TrainingGraphs)
+    return _graphs(network) is not None
 
 
 def graphs_recorded(network: nn.Module) -> bool:
-    graphs = network.__dict__.get("forward")
-    return isinstance(graphs, _TrainingGraphs) and graphs.graphed_forward is not None
+    graphs = _graphs(network)
+    return graphs is not None and graphs.graphed_forward is not None
