@@ -11,7 +11,7 @@ from nnunetv2_sa_umamba.ops import scan_triton
 from nnunetv2_sa_umamba.ops import selective_scan as dispatch
 from nnunetv2_sa_umamba.ops.selective_scan import resolve_backend, selective_scan
 from nnunetv2_sa_umamba.ops.scan_cuda import kernel_available
-from test_selective_scan import make_inputs, rel_err, report, run
+from test_selective_scan import make_inputs, rel_err, report, run, with_dtype
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -60,7 +60,7 @@ def test_triton_backend_matches_reference(short_chunks, batch, dim, length, d_st
 
 def test_16bit_inputs_keep_their_dtype_and_a_float32_state(short_chunks):
     inputs = make_inputs(2, 8, 20, 4, 2, dtype=torch.float32, device=DEVICE)
-    half = {k: v.bfloat16() if k in ("u", "delta", "B", "C") else v for k, v in inputs.items()}
+    half = with_dtype(inputs, torch.bfloat16)
     weight = torch.randn(2, 8, 20, device=DEVICE)
     y, grads = run(selective_scan, half, weight, delta_softplus=True, backend="triton")
     # the same bf16 values scanned in float32 by the chunked torch backend
@@ -144,9 +144,8 @@ def test_triton_matches_torch_backend_fp32_on_cuda(batch, dim, length):
 @pytest.mark.skipif(not kernel_available(), reason="mamba-ssm's selective_scan_cuda not importable")
 @pytest.mark.parametrize("batch,dim,length", STAGE_SHAPES)
 def test_triton_matches_cuda_kernel_bf16(batch, dim, length):
-    inputs = {k: v.bfloat16() if k in ("u", "delta", "B", "C") else v
-              for k, v in make_inputs(batch, dim, length, 16, 4, dtype=torch.float32, device="cuda",
-                                      delta_shift=-3.0).items()}
+    inputs = with_dtype(make_inputs(batch, dim, length, 16, 4, dtype=torch.float32, device="cuda", delta_shift=-3.0),
+                        torch.bfloat16)
     weight = torch.randn(batch, dim, length, device="cuda")
     y, grads = run(selective_scan, inputs, weight, delta_softplus=True, backend="triton")
     y_c, g_c = run(selective_scan, inputs, weight, delta_softplus=True, backend="cuda")

@@ -33,6 +33,14 @@ def make_inputs(batch=2, dim=8, length=37, d_state=4, groups=2, dtype=torch.floa
     return {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
 
 
+SCAN_DATA = ("u", "delta", "B", "C")  # the inputs that the kernels take in 16 bits; A, D, delta_bias stay float32
+
+
+def with_dtype(inputs, dtype, names=SCAN_DATA):
+    """``inputs`` with the tensors ``names`` cast to ``dtype``, the others as they are."""
+    return {k: v.to(dtype) if k in names else v for k, v in inputs.items()}
+
+
 def run(fn, inputs, weight, **kwargs):
     """Output and gradients of sum(fn(...) * weight) for every input tensor (None where unused)."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
@@ -96,8 +104,7 @@ def test_long_sequence_with_large_delta_stays_finite_and_accurate():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_torch_backend_16bit_inputs_run_in_float32(dtype):
-    inputs = {k: v.to(dtype) if k in ("u", "delta", "B", "C") else v.float()
-              for k, v in make_inputs(dtype=torch.float64).items()}
+    inputs = with_dtype(make_inputs(dtype=torch.float32), dtype)
     y = selective_scan(**inputs, delta_softplus=True, backend="torch")
     y_f32 = selective_scan_reference(**{k: v.float() for k, v in inputs.items()}, delta_softplus=True)
     assert y.dtype == dtype
@@ -107,14 +114,13 @@ def test_torch_backend_16bit_inputs_run_in_float32(dtype):
 
 def test_compute_dtype_sets_input_rounding_and_output_dtype():
     inputs = {k: v.float() for k, v in make_inputs().items()}
-    scan_inputs = ("u", "delta", "B", "C")
     y_bf16 = selective_scan(**inputs, delta_softplus=True, backend="torch", compute_dtype=torch.bfloat16)
-    rounded = {k: v.to(torch.bfloat16).float() if k in scan_inputs else v for k, v in inputs.items()}
+    rounded = {k: v.float() for k, v in with_dtype(inputs, torch.bfloat16).items()}
     assert y_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(y_bf16.float(), selective_scan_reference(**rounded, delta_softplus=True),
                                rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
 
-    half = {k: v.half() if k in scan_inputs else v for k, v in inputs.items()}
+    half = with_dtype(inputs, torch.float16)
     y_f32 = selective_scan(**half, delta_softplus=True, backend="torch", compute_dtype=torch.float32)
     assert y_f32.dtype == torch.float32
     expected = selective_scan_reference(**{k: v.float() for k, v in half.items()}, delta_softplus=True)
@@ -316,8 +322,7 @@ def test_cuda_matches_torch_backend_fp32(batch, dim, length):
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)], ids=["bf16", "fp16"])
 def test_cuda_16bit_inputs_match_torch_backend(dtype, tol):
     """Same 16-bit inputs to both backends; both keep a float32 state, so they differ by rounding."""
-    inputs = {k: v.to(dtype) if k in ("u", "delta", "B", "C") else v
-              for k, v in make_inputs(2, 96, 300, 16, 4, dtype=torch.float32, device="cuda").items()}
+    inputs = with_dtype(make_inputs(2, 96, 300, 16, 4, dtype=torch.float32, device="cuda"), dtype)
     weight = torch.randn(2, 96, 300, device="cuda")
     y, grads = run(selective_scan, inputs, weight, delta_softplus=True, backend="cuda")
     y_t, g_t = run(selective_scan, inputs, weight, delta_softplus=True, backend="torch")
@@ -378,8 +383,8 @@ def test_opcheck_cuda_op(optional):
 def test_cuda_lowrank_delta_matches_torch_backend(dtype, tol):
     """The op that recomputes delta in its backward: forward and every gradient (delta_low and delta_weight
     included) against the torch backend on the projected delta."""
-    inputs = {k: v.to(dtype) if k in ("u", "delta_low", "delta_weight", "B", "C") else v
-              for k, v in lowrank_inputs(2, 4, 24, 6, 300, dtype=torch.float32, device="cuda").items()}
+    inputs = with_dtype(lowrank_inputs(2, 4, 24, 6, 300, dtype=torch.float32, device="cuda"), dtype,
+                        ("u", "delta_low", "delta_weight", "B", "C"))
     weight = torch.randn(2, 96, 300, device="cuda")
     y, grads = run(selective_scan_lowrank_delta, inputs, weight, delta_softplus=True, backend="cuda")
     y_t, g_t = run(projected_then_scanned, inputs, weight, delta_softplus=True, backend="torch")
