@@ -8,8 +8,9 @@ from timm.layers import DropPath
 from torch import nn
 
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
-from nnunetv2_sa_umamba.modules.ss2d import SS2D, check_implementation, matmul_dtype
+from nnunetv2_sa_umamba.modules.ss2d import SS2D, check_implementation
 from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm
+from nnunetv2_sa_umamba.ops.triton_dispatch import matmul_dtype
 
 LAYER_NORM_EPS = 1e-5
 

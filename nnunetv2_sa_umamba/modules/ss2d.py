@@ -22,7 +22,7 @@ from torch import nn
 
 from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm_gate
 from nnunetv2_sa_umamba.ops.selective_scan import selective_scan, selective_scan_lowrank_delta
-from nnunetv2_sa_umamba.ops.triton_dispatch import use_triton
+from nnunetv2_sa_umamba.ops.triton_dispatch import matmul_dtype, use_triton
 
 IMPLEMENTATIONS = ("reference", "fast")
 NUM_DIRECTIONS = 4
@@ -92,11 +92,6 @@ def _cross_scan_fused(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @torch.compiler.disable
 def _cross_merge_fused(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return _CrossMergeFused.apply(ys, h, w)
-
-
-def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast runs a matmul on ``x`` in; None without autocast."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
 
 
 def _scan_dtype(x: torch.Tensor) -> torch.dtype:

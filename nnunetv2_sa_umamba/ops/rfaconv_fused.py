@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import nn
 
-from nnunetv2_sa_umamba.ops.triton_dispatch import use_triton
+from nnunetv2_sa_umamba.ops.triton_dispatch import matmul_dtype, use_triton
 
 POSITIONS = 9
 
@@ -28,12 +28,6 @@ def use_fused(x: torch.Tensor, module: nn.Module | None = None) -> bool:
     if module is not None and isinstance(module.feature_norm, nn.SyncBatchNorm) and module.feature_norm.training:
         return False
     return use_triton(x, x.numel() * POSITIONS)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class _RFAConvChain(torch.autograd.Function):
@@ -89,9 +83,9 @@ class _RFAConvChain(torch.autograd.Function):
         return tuple(g.to(dtype) for g, dtype in zip(grads, ctx.grad_dtypes)) + (None,) * 4
 
 
-def _batch_norm_statistics(bn: nn.BatchNorm2d, x: torch.Tensor, wf: torch.Tensor):
+def _batch_norm_statistics(bn: nn.BatchNorm2d, x: torch.Tensor, wf: torch.Tensor, compute_dtype: torch.dtype):
     """Mean and 1/std (each (9, C)) that ``bn`` normalises f with, updating its running statistics as
-    nn.BatchNorm2d does. ``bn``'s channel c * 9 + k is entry (k, c)."""
+    nn.BatchNorm2d does (f computed as for ``compute_dtype``). ``bn``'s channel c * 9 + k is entry (k, c)."""
     c = x.shape[-1]
     batch_stats = bn.training or not bn.track_running_stats
     if not batch_stats:
@@ -104,7 +98,7 @@ def _batch_norm_statistics(bn: nn.BatchNorm2d, x: torch.Tensor, wf: torch.Tensor
                          f"{[1, c * POSITIONS, 1, 1]}")
     with torch.no_grad():
         kernels = _kernels()
-        total, total_sq = kernels.feature_statistics(x, wf, kernels.products_precision(_compute_dtype(x)))
+        total, total_sq = kernels.feature_statistics(x, wf, kernels.products_precision(compute_dtype))
         mean = total / n
         # float32 sums: exact enough unless |mean| is far above the standard deviation of f
         var = (total_sq / n - mean * mean).clamp_min(0)
@@ -130,7 +124,8 @@ def rfaconv_chain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     wf = module.feature_conv.weight.view(c, POSITIONS, 9).permute(2, 1, 0).contiguous()
     w_out = module.out_conv.weight.view(c, c, POSITIONS).transpose(1, 2).reshape(c, POSITIONS * c)
     bn = module.feature_norm
-    mean, rstd, batch_stats = _batch_norm_statistics(bn, x, wf.detach().float())
+    compute_dtype = matmul_dtype(x) or x.dtype
+    mean, rstd, batch_stats = _batch_norm_statistics(bn, x, wf.detach().float(), compute_dtype)
     return _RFAConvChain.apply(x, wf, _kernel_layout(module.weight_conv.weight, c), _kernel_layout(bn.weight, c),
                                _kernel_layout(bn.bias, c), w_out, module.out_conv.bias, mean, rstd, batch_stats,
-                               _compute_dtype(x))
+                               compute_dtype)

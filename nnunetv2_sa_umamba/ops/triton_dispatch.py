@@ -47,3 +47,9 @@ def use_triton(x: torch.Tensor, largest_tensor_elements: int) -> bool:
         raise RuntimeError(f"{ENV_VAR}=triton needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on "
                            f"the CPU, slowly); got a {x.device.type} tensor.")
     return True
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs a matmul on ``x`` in; None without autocast. The fused ops compute and round in
+    it where autocast would."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
