@@ -1,10 +1,11 @@
-import pytest
-import torch
-
-from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
 import copy
 import pickle
 
+import pytest
+import torch
+from torch import nn
+
+from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
 from nnunetv2_sa_umamba.training.cuda_graphs import (disable_training_graphs, enable_training_graphs, graphs_enabled,
                                                      graphs_recorded)
 
@@ -71,12 +72,12 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_graphed_training_matches_eager_training(autocast_dtype, monkeypatch):
     """Four AdamW steps on different batches: the replayed graphs give the eager outputs, gradients, weights and
     batch-norm statistics. Two eager runs already differ (atomic adds in the fused kernels and the scan sum in
     any order), so the graphs are compared with that spread. In float32 (TF32 off) it stays tiny and every step
-    is checked; under bf16 autocast rounding amplifies it (two eager runs' gradients differ by ~20% after one
+    is checked; under bf16/fp16 autocast rounding amplifies it (two eager runs' gradients differ by ~20% after one
     step), so only the first step's outputs and the weights after four steps are meaningful there. A stale or
     misplaced tensor gives errors of order 1. Eval mode and other shapes run the ordinary forward."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -147,3 +148,51 @@ def test_graphs_record_once_and_replay_with_drop_path():
         second = network(x).detach().clone()
     assert network.forward.graphed_forward is wrapper_state
     assert not torch.equal(first, second)
+
+
+class _BackwardAutocastProbe(torch.autograd.Function):
+    """Identity that notes whether autocast is on when its backward runs."""
+    seen: list[bool] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _BackwardAutocastProbe.seen.append(torch.is_autocast_enabled("cuda"))
+        return grad
+
+
+class _ProbedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return _BackwardAutocastProbe.apply(self.linear(x))
+
+
+@pytest.mark.cuda
+def test_backward_is_recorded_outside_autocast_as_eager_training_runs_it():
+    """The forward runs under the caller's autocast, the backward without it, as in eager training where
+    backward() is called after the autocast block (under autocast the backward's ops cast again: slower, and not
+    what eager computes)."""
+    x = torch.randn(4, 8, device="cuda")
+    probe = _BackwardAutocastProbe.seen
+    # the probe sees autocast in a backward run inside the autocast block, so it can tell
+    with torch.autocast("cuda", dtype=torch.float16):
+        _ProbedLinear().cuda()(x).float().sum().backward()
+    assert probe == [True]
+
+    probe.clear()
+    network = enable_training_graphs(_ProbedLinear().cuda())
+    for _ in range(2):
+        network.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = network(x)
+            assert out.dtype == torch.float16
+        out.float().sum().backward()
+    assert graphs_recorded(network)
+    # warm-up passes and the recording ran the backward in Python; replays do not
+    assert probe and not any(probe)
