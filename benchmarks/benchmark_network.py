@@ -3,7 +3,8 @@
 Every row is measured in one run on one device with the same batch, so ratios are comparable. Rows:
   reference      our network on the released code's operations (the baseline for every speedup)
   fast/<scan>    our fast path with each available selective-scan backend, kernel by kernel
-  fast+graphs    the fast path as the trainer runs it on one GPU: default scan, training steps as CUDA graphs
+  fast+graphs    the fast path as our trainer and nnUNetv2_predict run it on one GPU: default scan, training steps
+                 and inference replayed as CUDA graphs
   fast+compile   the fast path under torch.compile (only with --compile)
   nnunet_plain   nnU-Net's PlainConvUNet as nnU-Net plans it for 256x256 2D input (7 stages, 32..512)
 A training step is forward + cross-entropy + backward + AdamW step (fp16 with a GradScaler, as nnU-Net trains;
@@ -36,7 +37,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
 from nnunetv2_sa_umamba.ops.selective_scan import available_backends  # noqa: E402
-from nnunetv2_sa_umamba.training.cuda_graphs import enable_training_graphs, graphs_recorded  # noqa: E402
+from nnunetv2_sa_umamba.training.cuda_graphs import (enable_inference_graphs, enable_training_graphs,  # noqa: E402
+                                                     graphs_recorded)
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -162,7 +164,8 @@ def model_specs(args, in_channels: int, classes: int, size: int, device: torch.d
         specs.append((f"fast/{backend}", lambda b=backend: SAUMamba(in_channels, classes, implementation="fast",
                                                                      scan_backend=b, **arch)))
     if device.type == "cuda":
-        specs.append(("fast+graphs", lambda: enable_training_graphs(SAUMamba(in_channels, classes, **arch))))
+        specs.append(("fast+graphs", lambda: enable_inference_graphs(
+            enable_training_graphs(SAUMamba(in_channels, classes, **arch)))))
     if args.compile:
         specs.append(("fast+compile", lambda: torch.compile(SAUMamba(in_channels, classes, **arch))))
     specs.append(("nnunet_plain", lambda: nnunet_plain_unet(in_channels, classes, size)))
@@ -189,8 +192,10 @@ def run(args) -> list[Row]:
                         model, x, target, dtype_name, args.warmup, args.iters, fused)
                     if args.profile:
                         profile_training_step(model, x, target, dtype_name, args.profile, str(row), fused)
-                    if name == "fast+graphs" and not graphs_recorded(model):
-                        row.note = "CUDA graphs not recorded: ran kernel by kernel"
+                    if name == "fast+graphs":
+                        missing = [kind for kind in ("training", "inference") if not graphs_recorded(model, kind)]
+                        if missing:
+                            row.note = f"{' and '.join(missing)} CUDA graphs not recorded: ran kernel by kernel"
                 except torch.OutOfMemoryError:
                     row.note = "out of memory"
                 del model

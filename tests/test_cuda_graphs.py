@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.training.cuda_graphs import (disable_training_graphs, enable_training_graphs, graphs_enabled,
-                                                     graphs_recorded)
+from nnunetv2_sa_umamba.training.cuda_graphs import (MAX_INFERENCE_GRAPHS, disable_inference_graphs,
+                                                     disable_training_graphs, enable_inference_graphs,
+                                                     enable_training_graphs, graphs_enabled, graphs_recorded)
 
 SMALL = dict(dims=(24, 48, 96, 192))
 
@@ -18,9 +19,12 @@ def test_off_cuda_the_network_runs_its_ordinary_forward():
     graphed = SAUMamba(3, 2, drop_path_rate=0.0, **SMALL)
     graphed.load_state_dict(plain.state_dict())
     assert enable_training_graphs(graphed) is graphed and graphs_enabled(graphed)
+    assert enable_inference_graphs(graphed) is graphed and graphs_enabled(graphed, "inference")
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(graphed(x), plain(x))
-    assert not graphs_recorded(graphed)
+    with torch.no_grad():
+        torch.testing.assert_close(graphed.eval()(x), plain.eval()(x))
+    assert not graphs_recorded(graphed) and not graphs_recorded(graphed, "inference")
     # the state dict (what checkpoints hold) is untouched
     assert list(graphed.state_dict()) == list(plain.state_dict())
 
@@ -42,12 +46,19 @@ def test_copies_get_their_own_unrecorded_wrapper_and_disabling_restores_the_forw
     for duplicate in (copy.deepcopy(network), pickle.loads(pickle.dumps(network))):
         # graphs belong to the original's tensors: a copy must record its own
         assert graphs_enabled(duplicate) and not graphs_recorded(duplicate)
+        assert not graphs_enabled(duplicate, "inference")
         assert duplicate.forward.network is duplicate
         x = torch.randn(1, 3, 64, 64)
         torch.testing.assert_close(duplicate.eval()(x), network.eval()(x))
+    enable_inference_graphs(network)
     disable_training_graphs(network)
-    assert not graphs_enabled(network) and "forward" not in network.__dict__
+    # the inference graphs stay until they are disabled too
+    assert not graphs_enabled(network) and graphs_enabled(network, "inference")
+    disable_inference_graphs(network)
+    assert not graphs_enabled(network, "inference") and "forward" not in network.__dict__
     disable_training_graphs(network)  # a no-op the second time
+    with pytest.raises(ValueError, match="kind"):
+        graphs_enabled(network, "eval")
 
 
 def _train_steps(network, inputs, autocast_dtype):
@@ -144,9 +155,9 @@ def test_graphs_record_once_and_replay_with_drop_path():
     x = torch.randn(2, 3, 64, 64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         first = network(x).detach().clone()
-        wrapper_state = network.forward.graphed_forward
+        wrapper_state = network.forward.training_forward
         second = network(x).detach().clone()
-    assert network.forward.graphed_forward is wrapper_state
+    assert network.forward.training_forward is wrapper_state
     assert not torch.equal(first, second)
 
 
@@ -196,3 +207,50 @@ def test_backward_is_recorded_outside_autocast_as_eager_training_runs_it():
     assert graphs_recorded(network)
     # warm-up passes and the recording ran the backward in Python; replays do not
     assert probe and not any(probe)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("autocast_dtype", [None, torch.float16], ids=["fp32", "fp16"])
+def test_inference_graphs_match_the_ordinary_forward(autocast_dtype):
+    """Eval-mode calls without gradients replay one graph per input shape and return the ordinary forward's values
+    in tensors of their own; weights changed in place (another fold's checkpoint) are read by the replay."""
+    torch.manual_seed(0)
+    network = SAUMamba(3, 2, deep_supervision=True, **SMALL).cuda().eval()
+    enable_inference_graphs(network)
+    inputs = [torch.randn(2, 3, 64, 96, device="cuda") for _ in range(3)]
+    autocast = torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+
+    def eager(x):
+        return type(network).forward(network, x)
+
+    with torch.inference_mode(), autocast:
+        outputs = [network(x) for x in inputs]
+        assert graphs_recorded(network, "inference") == 1
+        for x, output in zip(inputs, outputs):
+            # all heads (deep supervision), and each call's outputs survive the later replays
+            for got, expected in zip(output, eager(x)):
+                torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+        network.load_state_dict({k: v * 1.01 if v.is_floating_point() else v for k, v in network.state_dict().items()})
+        torch.testing.assert_close(network(inputs[0])[0], eager(inputs[0])[0], rtol=1e-3, atol=1e-3)
+        network(torch.randn(1, 3, 64, 64, device="cuda"))  # another shape: a second graph
+        assert graphs_recorded(network, "inference") == 2
+    with torch.no_grad(), autocast:  # outside inference mode: its own graph (inference tensors are read-only there)
+        torch.testing.assert_close(network(inputs[1])[0], eager(inputs[1])[0], rtol=1e-3, atol=1e-3)
+    assert graphs_recorded(network, "inference") == 3
+    with autocast:
+        # with gradients, or in training mode: the ordinary forward
+        assert network(inputs[0])[0].requires_grad
+    disable_inference_graphs(network)
+    assert not graphs_recorded(network, "inference") and "forward" not in network.__dict__
+
+
+@pytest.mark.cuda
+def test_inference_graphs_keep_at_most_the_newest_shapes():
+    network = enable_inference_graphs(SAUMamba(3, 2, **SMALL).cuda().eval())
+    widths = [32 * (i + 1) for i in range(MAX_INFERENCE_GRAPHS + 1)]
+    with torch.no_grad():
+        for width in widths:
+            network(torch.randn(1, 3, 32, width, device="cuda"))
+    assert graphs_recorded(network, "inference") == MAX_INFERENCE_GRAPHS
+    # the first shape was dropped; the signature starts with the input shape
+    assert [key[0][0][-1] for key in network.forward.inference_graphs] == widths[1:]

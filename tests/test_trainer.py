@@ -176,6 +176,21 @@ def test_cuda_graphs_on_one_gpu_for_the_fast_path_only(nnunet_folders, cls, devi
     assert trainer._use_cuda_graphs() is graphs
 
 
+@pytest.mark.parametrize("cls, compile_env, graphs", [
+    (nnUNetTrainerSAUMamba, "", True), (nnUNetTrainerSAUMamba, "1", False),
+    (nnUNetTrainerSAUMambaNoCudaGraphs, "", False), (nnUNetTrainerSAUMambaReference, "", False)])
+def test_predictor_builds_with_inference_graphs_unless_compiled_or_turned_off(nnunet_folders, monkeypatch, cls,
+                                                                              compile_env, graphs):
+    """nnUNetv2_predict builds the network through the trainer class: its tiles replay as a CUDA graph, except where
+    the predictor compiles the network (nnUNet_compile) or the trainer turns graphs off."""
+    from nnunetv2_sa_umamba.training.cuda_graphs import graphs_enabled
+    monkeypatch.setenv("nnUNet_compile", compile_env)
+    trainer = make_trainer(cls)
+    network = cls.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 3, 2,
+                                             enable_deep_supervision=False)
+    assert graphs_enabled(network, "inference") is graphs and not graphs_enabled(network, "training")
+
+
 def test_compile_is_off_by_default(nnunet_folders, monkeypatch):
     monkeypatch.delenv("nnUNet_compile", raising=False)
     assert make_trainer(nnUNetTrainerSAUMamba)._do_i_compile() is False

@@ -16,7 +16,8 @@ from torch._dynamo import OptimizedModule
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.training.cuda_graphs import disable_training_graphs, enable_training_graphs
+from nnunetv2_sa_umamba.training.cuda_graphs import (disable_inference_graphs, disable_training_graphs,
+                                                     enable_inference_graphs, enable_training_graphs)
 
 
 class CosineToMinLRScheduler(_LRScheduler):
@@ -58,7 +59,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
     decoder_block: str = "vss"
     implementation: str = "fast"
     fused_optimizer: bool = True  # torch's fused AdamW on CUDA
-    cuda_graphs: bool = True  # training steps replayed as CUDA graphs (single GPU, not compiled)
+    cuda_graphs: bool = True  # training steps and prediction replayed as CUDA graphs (single GPU, not compiled)
     size_multiple: int = 32
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -95,19 +96,38 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         # The heads always exist (strict loading in the predictor); frozen when unused so that DDP does not
         # wait for their gradients.
         network.deep_supervision_heads.requires_grad_(enable_deep_supervision)
+        if cls.cuda_graphs and not _compile_requested():
+            # nnUNetv2_predict's tiles (eval mode, one shape) replay one graph; no effect off CUDA
+            enable_inference_graphs(network)
         return network
 
     def initialize(self) -> None:
         super().initialize()
+        # the per-epoch validation runs kernel by kernel: an inference graph at the training batch size would keep
+        # a second memory pool reserved beside the training graphs' for little gain
+        disable_inference_graphs(self._plain_network())
         if self._use_cuda_graphs():
             enable_training_graphs(self.network)
             self.print_to_log_file("Training steps run as CUDA graphs (recorded at the first step; "
                                    "nnUNetTrainerSAUMambaNoCudaGraphs turns this off).")
 
     def on_train_end(self) -> None:
-        # the final validation and prediction run the ordinary forward: free the graphs' reserved memory first
+        # free the training graphs' reserved memory before the final validation
         disable_training_graphs(self.network)
         super().on_train_end()
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        # the final validation predicts tiles of one shape, as nnUNetv2_predict does: replay them as a graph
+        if self._use_cuda_graphs():
+            enable_inference_graphs(self.network)
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            disable_inference_graphs(self._plain_network())
+
+    def _plain_network(self) -> nn.Module:
+        network = self.network.module if self.is_ddp else self.network
+        return network._orig_mod if isinstance(network, OptimizedModule) else network
 
     def _use_cuda_graphs(self) -> bool:
         # DDP's gradient hooks and torch.compile's own graphs do not mix with make_graphed_callables
@@ -133,10 +153,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         return [[scale, scale] for scale in SAUMamba.output_scales()]
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
-        network = self.network.module if self.is_ddp else self.network
-        if isinstance(network, OptimizedModule):
-            network = network._orig_mod
-        network.deep_supervision = enabled
+        self._plain_network().deep_supervision = enabled
 
     def configure_optimizers(self):
         # fused: one kernel for all 42M weights instead of foreach's launches (same update, ~10 ms less per step)
@@ -148,4 +165,8 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         # Off by default. The scan is a registered custom op, so compiling keeps one graph (tested in ops), but
         # compiling the whole network took over two minutes on an H100 without a measured speedup
         # (docs/BENCHMARKS.md). nnUNet_compile=1 turns it on, on CUDA only (nnU-Net's 2D CPU compile crashes).
-        return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and self.device.type == "cuda"
+        return _compile_requested() and self.device.type == "cuda"
+
+
+def _compile_requested() -> bool:
+    return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
