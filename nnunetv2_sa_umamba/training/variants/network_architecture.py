@@ -35,7 +35,7 @@ class nnUNetTrainerSAUMambaReference(nnUNetTrainerSAUMamba):
 
 
 class nnUNetTrainerSAUMambaNoCudaGraphs(nnUNetTrainerSAUMamba):
-    """Training steps launched kernel by kernel (for profiling, or where CUDA graphs misbehave)."""
+    """Training steps and prediction launched kernel by kernel (for profiling, or where CUDA graphs misbehave)."""
     cuda_graphs = False
 
 
