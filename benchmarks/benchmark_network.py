@@ -3,8 +3,8 @@
 Every row is measured in one run on one device with the same batch, so ratios are comparable. Rows:
   reference      our network on the released code's operations (the baseline for every speedup)
   fast/<scan>    our fast path with each available selective-scan backend, kernel by kernel
-  fast+graphs    the fast path as our trainer and nnUNetv2_predict run it on one GPU: default scan, training steps
-                 and inference replayed as CUDA graphs
+  fast+graphs    the fast path with the CUDA graphs our trainer records on one GPU and nnUNetv2_predict replays:
+                 default scan, training steps and inference replayed as graphs
   fast+compile   the fast path under torch.compile (only with --compile)
   nnunet_plain   nnU-Net's PlainConvUNet as nnU-Net plans it for 256x256 2D input (7 stages, 32..512)
 A training step is forward + cross-entropy + backward + AdamW step (fp16 with a GradScaler, as nnU-Net trains;

@@ -191,6 +191,33 @@ def test_predictor_builds_with_inference_graphs_unless_compiled_or_turned_off(nn
     assert graphs_enabled(network, "inference") is graphs and not graphs_enabled(network, "training")
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["completes", "raises"])
+def test_final_validation_runs_with_inference_graphs_and_drops_them_after(nnunet_folders, monkeypatch, fails):
+    """The final validation predicts like nnUNetv2_predict (inference graphs on), and afterwards, even after an
+    error, no graph stays reserved."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2_sa_umamba.training.cuda_graphs import disable_inference_graphs, graphs_enabled
+    trainer = make_trainer(nnUNetTrainerSAUMamba)
+    trainer.network = build_from_trainer(trainer)
+    disable_inference_graphs(trainer.network)  # as initialize() leaves it for training
+    monkeypatch.setattr(type(trainer), "_use_cuda_graphs", lambda self: True)
+    seen = []
+
+    def validation(self, save_probabilities=False):
+        seen.append(graphs_enabled(self.network, "inference"))
+        if fails:
+            raise RuntimeError("export failed")
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation", validation)
+    if fails:
+        with pytest.raises(RuntimeError, match="export failed"):
+            trainer.perform_actual_validation()
+    else:
+        trainer.perform_actual_validation()
+    assert seen == [True] and not graphs_enabled(trainer.network, "inference")
+    assert "forward" not in trainer.network.__dict__
+
+
 def test_compile_is_off_by_default(nnunet_folders, monkeypatch):
     monkeypatch.delenv("nnUNet_compile", raising=False)
     assert make_trainer(nnUNetTrainerSAUMamba)._do_i_compile() is False
@@ -208,3 +235,30 @@ def test_nnunet_finds_every_trainer_through_ext_trainer(monkeypatch):
                  "nnUNetTrainerSAUMambaNoCudaGraphs"):
         found = recursive_find_trainer_class_by_name(name)
         assert found.__name__ == name and issubclass(found, nnUNetTrainerSAUMamba)
+
+
+@pytest.mark.cuda
+def test_nnunet_predictor_with_inference_graphs_matches_kernel_by_kernel(nnunet_folders):
+    """nnU-Net's own sliding-window prediction (inference mode, fp16 autocast, Gaussian weighting, mirroring: four
+    calls per tile) on the network built for nnUNetv2_predict, with and without inference graphs."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunetv2_sa_umamba.training.cuda_graphs import graphs_recorded
+    trainer = make_trainer(nnUNetTrainerSAUMamba, (64, 64))
+    image = torch.randn(3, 1, 150, 200, generator=torch.Generator().manual_seed(0))
+    logits, networks, weights = [], [], None
+    for cls in (nnUNetTrainerSAUMamba, nnUNetTrainerSAUMambaNoCudaGraphs):
+        network = cls.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 3, 2,
+                                                 enable_deep_supervision=False)
+        weights = weights or network.state_dict()
+        network.load_state_dict(weights)
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                    perform_everything_on_device=True, device=torch.device("cuda"), verbose=False,
+                                    allow_tqdm=False)
+        predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager, None,
+                                        trainer.dataset_json, cls.__name__, (0, 1))
+        logits.append(predictor.predict_sliding_window_return_logits(image).float().cpu())
+        networks.append(network)
+    assert graphs_recorded(networks[0], "inference") == 1 and not graphs_recorded(networks[1], "inference")
+    assert logits[0].shape == (2, 1, 150, 200)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-2, atol=1e-2)

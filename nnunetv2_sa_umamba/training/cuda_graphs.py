@@ -14,20 +14,28 @@ same tensors every step: copy an output that must outlive the next training step
 
 Inference graphs (``enable_inference_graphs``): eval-mode calls without gradients (nnU-Net's sliding-window
 prediction, one tile shape) are recorded per input shape, dtype and autocast setting, up to
-``MAX_INFERENCE_GRAPHS`` at a time, and replayed; each call returns a copy of the outputs, so callers may keep
-them.
+``MAX_INFERENCE_GRAPHS`` at a time (the least recently used is dropped), and replayed; each call returns a copy of
+the outputs, so callers may keep them.
+
+Both only for inputs on the current CUDA device (streams and graphs belong to it), and never while tracing or
+compiling. A graph keeps the kernels chosen when it was recorded: settings read during the forward (TF32, the
+scan backend's environment variables) apply to graphs recorded after they change. A failed recording warns and
+leaves the ordinary forward, which always works.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 import warnings
+import weakref
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 WARMUP_STEPS = 3  # eager passes before recording (cuDNN autotuning, Triton compilation)
-MAX_INFERENCE_GRAPHS = 4  # input shapes kept recorded at once; the oldest is dropped first
+MAX_INFERENCE_GRAPHS = 4  # input shapes kept recorded at once
 
 
 def _common_signature(network: nn.Module, x: torch.Tensor) -> tuple:
@@ -35,11 +43,14 @@ def _common_signature(network: nn.Module, x: torch.Tensor) -> tuple:
     return (tuple(x.shape), x.dtype, x.device, autocast, torch.get_autocast_dtype("cuda") if autocast else None,
             torch.are_deterministic_algorithms_enabled(), getattr(network, "deep_supervision", None),
             # a graph reads the tensors where they were when recorded (.to(), .half(), assign=True loads move them)
-            tuple(buffer.data_ptr() for buffer in network.buffers()))
+            tuple((buffer.data_ptr(), buffer.dtype) for buffer in network.buffers()))
 
 
 def _graphable(x: torch.Tensor) -> bool:
-    return x.is_cuda and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+    # on another device than the current one the recording would capture nothing (its streams are the current
+    # device's) and every replay would return the first call's outputs
+    return (x.is_cuda and x.device.index == torch.cuda.current_device()
+            and not (torch.jit.is_tracing() or torch.compiler.is_compiling()))
 
 
 def _training_signature(network: nn.Module, x: torch.Tensor) -> tuple | None:
@@ -52,7 +63,8 @@ def _training_signature(network: nn.Module, x: torch.Tensor) -> tuple | None:
         # next replay: accumulating over steps, or zeroing in place, would count gradients twice (PyTorch issue
         # 181723). nnU-Net zeroes with set_to_none=True, so its steps replay.
         return None
-    return (_common_signature(network, x), x.requires_grad, tuple((p.requires_grad, p.data_ptr()) for p in parameters))
+    return (_common_signature(network, x), x.requires_grad,
+            tuple((p.requires_grad, p.data_ptr(), p.dtype) for p in parameters))
 
 
 def _inference_signature(network: nn.Module, x: torch.Tensor) -> tuple | None:
@@ -61,15 +73,31 @@ def _inference_signature(network: nn.Module, x: torch.Tensor) -> tuple | None:
         return None
     # inference mode: the recorded input is an inference tensor, which only inference mode may copy into
     return (_common_signature(network, x), torch.is_inference_mode_enabled(),
-            tuple(p.data_ptr() for p in network.parameters()))
+            tuple((p.data_ptr(), p.dtype) for p in network.parameters()))
+
+
+# thread_local: CUDA calls of other threads, such as nnU-Net's pin-memory thread, may go on during a recording
+# instead of invalidating it. torch.cuda.graph takes it in every torch we support, make_graphed_callables from 2.13.
+CAPTURE_ERROR_MODE = "thread_local"
 
 
 def _make_graphed_callables_capture_mode() -> dict:
-    """thread_local where torch offers the choice (2.13+): then CUDA calls of other threads, such as nnU-Net's
-    pin-memory thread, may go on during the recording instead of invalidating it."""
     if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
-        return {"capture_error_mode": "thread_local"}
+        return {"capture_error_mode": CAPTURE_ERROR_MODE}
     return {}
+
+
+@contextmanager
+def _restoring_stream_on_failure():
+    """A recording that fails at its end can leave the recording's side stream current: the ordinary forward that
+    follows would then race with the work queued on the caller's stream."""
+    stream = torch.cuda.current_stream()
+    try:
+        yield
+    except Exception:
+        torch.cuda.set_stream(stream)
+        torch.cuda.synchronize()
+        raise
 
 
 def _clone_outputs(outputs):
@@ -85,10 +113,17 @@ def _autocast_without_cache():
                           cache_enabled=False)
 
 
+@functools.cache
+def _warmup_stream(device_index: int) -> torch.cuda.Stream:
+    """One side stream per device for the warm-up passes: torch keeps a cuBLAS workspace (32 MiB on an H100) for
+    every stream that ran a matmul, so a new stream per recording would leave one behind each time."""
+    return torch.cuda.Stream(device_index)
+
+
 class _InferenceGraph:
     def __init__(self, forward, x: torch.Tensor):
         self.static_input = x.detach().clone()
-        side_stream = torch.cuda.Stream()
+        side_stream = _warmup_stream(x.device.index)
         side_stream.wait_stream(torch.cuda.current_stream())
         with _autocast_without_cache():
             with torch.cuda.stream(side_stream):
@@ -96,7 +131,7 @@ class _InferenceGraph:
                     forward(self.static_input)
             torch.cuda.current_stream().wait_stream(side_stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_ERROR_MODE):
                 self.static_outputs = forward(self.static_input)
 
     def __call__(self, x: torch.Tensor):
@@ -106,18 +141,32 @@ class _InferenceGraph:
 
 
 class _GraphedForward:
-    """Replaces ``network.forward``; records on the first matching call and replays on later ones."""
+    """Replaces ``network.forward``; records on the first matching call and replays on later ones.
+
+    Holds its network weakly, so that a network without recorded training graphs is freed (with its inference
+    graphs' memory) as soon as it is dropped, not at the next garbage collection."""
 
     def __init__(self, network: nn.Module):
-        self.network = network
-        self.eager_forward = network.forward
+        self.network_ref = weakref.ref(network)
+        # a forward set on the instance before ours (rare) is kept; otherwise the class's forward is called
+        self.instance_forward = network.__dict__.get("forward")
         self.training = False
         self.inference = False
         self.training_signature = None
         self.training_forward = None
         self.training_failed = False
         self.inference_graphs: dict[tuple, _InferenceGraph] = {}
-        self.inference_failed = False
+        self.inference_failed_signatures: set[tuple] = set()
+
+    @property
+    def network(self) -> nn.Module:
+        return self.network_ref()
+
+    def eager_forward(self, *args, **kwargs):
+        if self.instance_forward is not None:
+            return self.instance_forward(*args, **kwargs)
+        network = self.network
+        return type(network).forward(network, *args, **kwargs)
 
     def __reduce__(self):
         # a deep copy (or an unpickled copy) of the network gets its own wrapper, unrecorded: the graphs belong to
@@ -133,10 +182,10 @@ class _GraphedForward:
                         self._record_training(x, signature)
                     if signature == self.training_signature:
                         return self.training_forward(x)
-            if self.inference and not self.inference_failed:
+            if self.inference:
                 signature = _inference_signature(self.network, x)
-                if signature is not None:
-                    graph = self.inference_graphs.get(signature) or self._record_inference(x, signature)
+                if signature is not None and signature not in self.inference_failed_signatures:
+                    graph = self._inference_graph(x, signature)
                     if graph is not None:
                         return graph(x)
         return self.eager_forward(x, *args, **kwargs)
@@ -149,7 +198,7 @@ class _GraphedForward:
         try:
             # autocast covers the forward only (inside the module): the backward is recorded outside it, as eager
             # training runs it (under autocast the backward's ops would cast again: an fp16 step ran 7 ms slower)
-            with torch.autocast("cuda", enabled=False):
+            with torch.autocast("cuda", enabled=False), _restoring_stream_on_failure():
                 self.training_forward = torch.cuda.make_graphed_callables(
                     autocast_forward, (x.detach().clone().requires_grad_(x.requires_grad),),
                     num_warmup_iters=WARMUP_STEPS, allow_unused_input=True,
@@ -157,37 +206,47 @@ class _GraphedForward:
             self.training_signature = signature
             torch.cuda.empty_cache()  # the warm-up passes' blocks, cached on their side stream
         except Exception as error:  # noqa: BLE001 - any failure to record leaves eager training, which works
+            # a training step that failed to record would fail again at every step
             self.training_failed = True
-            _warn_failed("training step", error)
+            _warn_failed("training step", error, "training runs without graphs from now on")
         finally:
             with torch.no_grad():
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
 
-    def _record_inference(self, x: torch.Tensor, signature: tuple) -> _InferenceGraph | None:
-        if len(self.inference_graphs) >= MAX_INFERENCE_GRAPHS:
-            del self.inference_graphs[next(iter(self.inference_graphs))]
-        try:
-            graph = self.inference_graphs[signature] = _InferenceGraph(self.eager_forward, x)
-            torch.cuda.empty_cache()
-            return graph
-        except Exception as error:  # noqa: BLE001 - as for training: the ordinary forward works
-            self.inference_failed = True
-            _warn_failed("inference forward", error)
-            return None
+    def _inference_graph(self, x: torch.Tensor, signature: tuple) -> _InferenceGraph | None:
+        graph = self.inference_graphs.pop(signature, None)
+        if graph is None:
+            try:
+                with _restoring_stream_on_failure():
+                    graph = _InferenceGraph(self.eager_forward, x)
+            except Exception as error:  # noqa: BLE001 - as for training: the ordinary forward works
+                self.inference_failed_signatures.add(signature)
+                _warn_failed("inference forward", error, "inputs of this shape run without graphs from now on")
+                return None
+            if len(self.inference_graphs) >= MAX_INFERENCE_GRAPHS:
+                del self.inference_graphs[next(iter(self.inference_graphs))]  # the least recently used
+            torch.cuda.empty_cache()  # the warm-up passes' blocks and a dropped graph's pool
+        self.inference_graphs[signature] = graph  # (re)inserted last: the most recently used
+        return graph
 
-    def release(self, training: bool) -> None:
+    def release(self, training: bool) -> bool:
+        """Drops one kind of graphs; whether any were recorded."""
         if training:
+            recorded = self.training_forward is not None
             self.training = False
             self.training_signature = self.training_forward = None
         else:
+            recorded = bool(self.inference_graphs)
             self.inference = False
             self.inference_graphs.clear()
+        return recorded
 
 
-def _warn_failed(what: str, error: Exception) -> None:
-    warnings.warn(f"Recording the {what} as a CUDA graph failed ({error}); it runs without graphs from now on.",
-                  RuntimeWarning, stacklevel=4)
+def _warn_failed(what: str, error: Exception, consequence: str) -> None:
+    # stacklevel: this, _record/_inference_graph, __call__, Module._call_impl, Module._wrapped_call_impl, caller
+    warnings.warn(f"Recording the {what} as a CUDA graph failed ({error}); {consequence}.", RuntimeWarning,
+                  stacklevel=6)
 
 
 class _AutocastForward(nn.Module):
@@ -232,13 +291,15 @@ def _release(network: nn.Module, training: bool) -> None:
     graphs = _graphs(network)
     if graphs is None:
         return
-    graphs.release(training)
+    recorded = graphs.release(training)
     if not (graphs.training or graphs.inference):
         del network.forward
-        graphs.network = graphs.eager_forward = None
-    gc.collect()  # the recorded graphs hold their memory pools until collected
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        if graphs.instance_forward is not None:
+            network.forward = graphs.instance_forward
+    if recorded:
+        gc.collect()  # a recorded training graph refers back to the network: collect that cycle and its pool
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def enable_training_graphs(network: nn.Module) -> nn.Module:

@@ -119,7 +119,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         # the final validation predicts tiles of one shape, as nnUNetv2_predict does: replay them as a graph
         if self._use_cuda_graphs():
-            enable_inference_graphs(self.network)
+            enable_inference_graphs(self._plain_network())
         try:
             super().perform_actual_validation(save_probabilities)
         finally:
