@@ -61,13 +61,18 @@ def test_copies_get_their_own_unrecorded_wrapper_and_disabling_restores_the_forw
         graphs_enabled(network, "eval")
 
 
+def _autocast(dtype, **kwargs):
+    """CUDA autocast to ``dtype``, or off for None."""
+    return torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None, **kwargs)
+
+
 def _train_steps(network, inputs, autocast_dtype):
     """Outputs and gradients of AdamW steps on ``inputs``, one batch per step."""
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
     outputs, grads = [], []
     for x in inputs:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with _autocast(autocast_dtype):
             out = network(x)
             loss = sum((o.float() ** 2).mean() for o in out)
         loss.backward()
@@ -119,7 +124,7 @@ def test_graphed_training_matches_eager_training(autocast_dtype, monkeypatch):
     print(f"[{autocast_dtype}] state dict after 4 steps: eager vs eager {noise:.1e}, graphs vs eager {error:.1e}")
     assert error < max(10 * noise, 1e-5)
 
-    autocast = torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+    autocast = _autocast(autocast_dtype)
     with autocast:
         assert graphed(torch.randn(2, 3, 64, 64, device=device))[0].shape == (2, 2, 64, 64)
         graphed.eval()
@@ -218,12 +223,11 @@ def test_inference_graphs_match_the_ordinary_forward(autocast_dtype):
     network = SAUMamba(3, 2, deep_supervision=True, **SMALL).cuda().eval()
     enable_inference_graphs(network)
     inputs = [torch.randn(2, 3, 64, 96, device="cuda") for _ in range(3)]
-    autocast = torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+    autocast = _autocast(autocast_dtype)
 
     def eager(x):
         # without autocast's weight cache, which older torch keeps under inference mode across the weight change
-        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
-                            cache_enabled=False):
+        with _autocast(autocast_dtype, cache_enabled=False):
             return type(network).forward(network, x)
 
     with torch.inference_mode(), autocast:

@@ -106,11 +106,15 @@ def _clone_outputs(outputs):
     return outputs.clone()
 
 
-def _autocast_without_cache():
-    """The caller's autocast setting without its weight cache: cast copies cached during a recording would be freed
-    when the caller's autocast block ends, while the graph still reads them."""
-    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
-                          cache_enabled=False)
+def _autocast_setting() -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+
+def _autocast_without_cache(setting: tuple[bool, torch.dtype] | None = None):
+    """The caller's (or ``setting``'s) autocast without its weight cache: cast copies cached during a recording
+    would be freed when the caller's autocast block ends, while the graph still reads them."""
+    enabled, dtype = setting or _autocast_setting()
+    return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
 
 
 @functools.cache
@@ -257,12 +261,11 @@ class _AutocastForward(nn.Module):
         super().__init__()
         self.network = network
         self.eager_forward = eager_forward
-        self.autocast = torch.is_autocast_enabled("cuda")
-        self.autocast_dtype = torch.get_autocast_dtype("cuda")
+        self.autocast_setting = _autocast_setting()
 
     def forward(self, x: torch.Tensor):
-        # make_graphed_callables refuses autocast's weight cache (see _autocast_without_cache)
-        with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast, cache_enabled=False):
+        # make_graphed_callables also refuses autocast's weight cache
+        with _autocast_without_cache(self.autocast_setting):
             return self.eager_forward(x)
 
 
