@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from nnunetv2_sa_umamba.ops import layernorm_fused  # noqa: E402
 from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm, layer_norm_gate  # noqa: E402
-from nnunetv2_sa_umamba.ops.layernorm_triton import tile_shape  # noqa: E402
+from nnunetv2_sa_umamba.ops.layernorm_triton import backward_tile_shape, tile_shape  # noqa: E402
 from nnunetv2_sa_umamba.ops.triton_dispatch import ENV_VAR  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,8 +82,8 @@ def _assert_all_close(results, references, rel: float = 1e-5):
 def test_tiles_of_the_test_shapes_are_partial():
     rows = torch.Size(LEADING).numel()
     for channels in CHANNELS:
-        block_rows, block_c, _ = tile_shape(channels)
-        assert block_c >= channels and rows > block_rows and rows % block_rows
+        for block_rows, block_c, *_ in (tile_shape(channels), backward_tile_shape(channels)):
+            assert block_c >= channels and rows > block_rows and rows % block_rows
 
 
 @pytest.mark.parametrize("channels", CHANNELS)
@@ -239,13 +239,13 @@ def test_full_size_under_bf16_autocast(fused):
     assert max(errors["gate"]) < 1e-2
 
 
-def test_network_layer_norm_runs_only_short_rows_fused(fused):
-    """blocks.LayerNorm sends rows of at most FUSED_MAX_CHANNELS to the kernels and longer ones to PyTorch (faster
-    there on an H100), with the same values either way; the reference implementation never uses the kernels."""
-    from nnunetv2_sa_umamba.modules.blocks import FUSED_MAX_CHANNELS, LayerNorm
+def test_network_layer_norm_runs_fused_only_on_the_fast_path(fused):
+    """blocks.LayerNorm sends the fast path's rows, short and long (the final PatchExpand's 24 channels, PatchMerging's
+    1536), to the kernels, with nn.LayerNorm's values; the reference implementation never uses the kernels."""
+    from nnunetv2_sa_umamba.modules.blocks import LayerNorm
 
-    for channels, implementation, expect_fused in ((24, "fast", True), (FUSED_MAX_CHANNELS + 32, "fast", False),
-                                                   (24, "reference", False)):
+    for channels, implementation, expect_fused in ((24, "fast", True), (1536, "fast", True),
+                                                   (24, "reference", False), (1536, "reference", False)):
         norm = LayerNorm(channels, implementation).to(DEVICE)
         with torch.no_grad():
             norm.weight.uniform_(0.5, 1.5)
