@@ -126,6 +126,26 @@ def _op(norm: nn.LayerNorm, gate: bool, **kwargs):
     return (lambda t: _fused_norm(t, norm, **kwargs)), norm, 1
 
 
+# (rows, C): two rows (the gate's z is then still a strided view); fewer rows than one backward tile; one row per tile (C = 1536, PatchMerging's widest, where
+# the backward's tile holds a single row) with an odd number of tiles, so a program's second tile is all padding
+EDGE_SHAPES = [(2, 24), (5, 100), (3, 1536), (7, 1536)]
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["layer_norm", "gate"])
+@pytest.mark.parametrize("rows,channels", EDGE_SHAPES)
+def test_tile_edges_match_pytorch(fused, rows, channels, gate):
+    block_rows, _, _, tiles_per_program = backward_tile_shape(channels)
+    if channels == 1536:
+        assert block_rows == 1 and tiles_per_program > 1 and rows % tiles_per_program
+    norm = _norm(channels)
+    fused_fn, reference_fn, width = _op(norm, gate)
+    inputs = torch.randn(rows, width * channels, device=DEVICE) * 2 + 0.5
+    grad = torch.randn(rows, channels, device=DEVICE)
+    out, grads = _run(fused_fn, norm, inputs, grad)
+    out_ref, grads_ref = _run(reference_fn, norm, inputs, grad)
+    _assert_all_close((out, *grads), (out_ref, *grads_ref))
+
+
 @pytest.mark.parametrize("gate", [False, True], ids=["layer_norm", "gate"])
 def test_bfloat16_output_is_the_float32_result_rounded(fused, gate):
     norm = _norm(100)
@@ -255,6 +275,18 @@ def test_network_layer_norm_runs_fused_only_on_the_fast_path(fused):
         assert (type(out.grad_fn).__name__ == "_LayerNormBackward") == expect_fused, (channels, implementation)
         torch.testing.assert_close(out, F.layer_norm(x, (channels,), norm.weight, norm.bias, norm.eps),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_network_layer_norm_is_left_to_torch_compile_while_it_traces(fused, monkeypatch):
+    """Under torch.compile's tracing the fast path's LayerNorm is PyTorch's (Inductor fuses it), not the kernel,
+    whose op would break the compiled graph."""
+    from nnunetv2_sa_umamba.modules.blocks import LayerNorm
+
+    norm = LayerNorm(96).to(DEVICE)
+    x = torch.randn(2, 3, 96, device=DEVICE, requires_grad=True)
+    assert type(norm(x).grad_fn).__name__ == "_LayerNormBackward"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert type(norm(x).grad_fn).__name__ == "NativeLayerNormBackward0"
 
 
 def test_wrong_channel_count_is_refused_as_pytorch_refuses_it(fused):

@@ -15,15 +15,17 @@ from nnunetv2_sa_umamba.ops.triton_dispatch import matmul_dtype
 LAYER_NORM_EPS = 1e-5
 
 
-# PyTorch's LayerNorm under autocast copies its input to float32 and gives each row one thread block; the Triton
-# kernel reads the input as it is and handles many rows per program. Forward + backward over one of each of the
+# PyTorch's LayerNorm under autocast runs in float32 (copying half-precision inputs first) and writes float32,
+# which a following matmul casts again; the Triton kernel reads the input as it is, writes the dtype the consumer
+# takes and handles many rows per program. Forward + backward over one of each of the
 # network's 15 LayerNorm shapes: 8.4 ms PyTorch, 1.4 ms Triton; training step 119.3 -> 115.6 ms (bf16, batch 28 x 3
 # x 256 x 256, H100, docs/BENCHMARKS.md).
 
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last dim (same parameters); ``"fast"`` runs it as one Triton kernel on CUDA
-    (ops/layernorm_fused.py), many rows per program."""
+    (ops/layernorm_fused.py), many rows per program, except while torch.compile traces it (Inductor fuses the
+    LayerNorm itself, where the kernel would break the graph)."""
 
     def __init__(self, dim: int, implementation: str = "fast"):
         super().__init__(dim, eps=LAYER_NORM_EPS)
@@ -32,7 +34,7 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor, feeds_matmul: bool = False) -> torch.Tensor:
         """``feeds_matmul``: a matmul reads the result, so the fused kernel may write it rounded to autocast's
         dtype, as autocast would round it before the matmul anyway."""
-        if self.implementation == "reference":
+        if self.implementation == "reference" or torch.compiler.is_compiling():
             return super().forward(x)
         return layer_norm(x, self, matmul_dtype(x) if feeds_matmul else None)
 

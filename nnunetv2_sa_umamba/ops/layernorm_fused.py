@@ -26,9 +26,9 @@ def _kernels():
 
 
 def _norm_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype nn.LayerNorm returns for ``x``: CUDA autocast lists layer_norm among its float32 ops; CPU autocast
-    leaves it alone (x's dtype, as without autocast)."""
-    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+    """The dtype nn.LayerNorm returns for ``x``: CUDA autocast lists layer_norm among its float32 ops (it leaves
+    float64 alone); CPU autocast leaves it alone (x's dtype, as without autocast)."""
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and x.dtype != torch.float64:
         return torch.float32
     return x.dtype
 
