@@ -126,8 +126,9 @@ def _op(norm: nn.LayerNorm, gate: bool, **kwargs):
     return (lambda t: _fused_norm(t, norm, **kwargs)), norm, 1
 
 
-# (rows, C): two rows (the gate's z is then still a strided view); fewer rows than one backward tile; one row per tile (C = 1536, PatchMerging's widest, where
-# the backward's tile holds a single row) with an odd number of tiles, so a program's second tile is all padding
+# (rows, C): two rows (the gate's z is then still a strided view); fewer rows than one backward tile; one row per
+# tile (C = 1536, PatchMerging's widest, where the backward's tile holds a single row) with an odd number of tiles,
+# so a program's second tile is all padding
 EDGE_SHAPES = [(2, 24), (5, 100), (3, 1536), (7, 1536)]
 
 

@@ -75,7 +75,8 @@ def _silu(z, z_ptr):
 
 @triton.jit
 def _forward_kernel(x_ptr, z_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr, rows, C: tl.constexpr,
-                    x_row_stride, z_row_stride, eps, GATE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                    x_row_stride, z_row_stride, eps, GATE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     offs_r, mask_r, offs_c, mask = _tile(tl.program_id(0), rows, C, BLOCK_ROWS, BLOCK_C)
     x = _load(x_ptr, offs_r, offs_c, x_row_stride, mask)
     mean = tl.sum(x, axis=1) / C
