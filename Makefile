@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_VERSION ?= 2.13.0
+TORCH_CONSTRAINTS ?= constraints-cpu.txt
 
 .PHONY: venv install demo test test-cuda benchmark clean
 
@@ -10,10 +10,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned, so that pip does not pull a multi-GB CUDA build on CPU machines
-$(VENV)/.installed: setup.py $(BIN)/python
-	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" || $(BIN)/pip install -q torch
-	$(BIN)/pip install -q -e ".[test]"
+# torch and torchvision pinned as a pair (constraints-cpu.txt), so that pip does not swap torch for another build
+$(VENV)/.installed: setup.py $(TORCH_CONSTRAINTS) $(BIN)/python
+	$(BIN)/pip install -q -c $(TORCH_CONSTRAINTS) -e ".[test]"
 	touch $@
 
 venv: $(BIN)/python
