@@ -5,7 +5,6 @@ Every function takes plain numpy arrays; masks are boolean arrays of one shape, 
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from medpy.metric.binary import hd95 as _medpy_hd95
 
 
 def confusion_counts(pred: np.ndarray, ref: np.ndarray) -> Tuple[int, int, int, int]:
@@ -43,8 +42,10 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Optional[Sequence[float]] =
     """
     if not pred.any() or not ref.any():
         raise ValueError("hd95 needs two non-empty masks; apply the empty-mask rules before calling it")
+    # imported here: only the Synapse protocol needs medpy, and the Dice/IoU protocols run without it
+    from medpy.metric.binary import hd95 as medpy_hd95
     crop = _bounding_slices(pred | ref)
-    return float(_medpy_hd95(pred[crop], ref[crop], voxelspacing=spacing))
+    return float(medpy_hd95(pred[crop], ref[crop], voxelspacing=spacing))
 
 
 def synapse_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> Dict[str, object]:
