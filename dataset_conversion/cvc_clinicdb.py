@@ -28,7 +28,7 @@ DATASET_NAME = "CVCClinicDB"
 LABELS = {"background": 0, "polyp": 1}
 IMAGE_DIR_NAMES = ("Original", "Originals", "Images", "Image")
 MASK_DIR_NAMES = ("Ground Truth", "GroundTruth", "GT", "Masks", "Mask")
-_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp")
+_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")  # JPEG: resized mirrors
 
 
 def case_name(frame: int) -> str:
@@ -38,7 +38,7 @@ def case_name(frame: int) -> str:
 
 def _frame_key(path: Path) -> str | None:
     if path.suffix.lower() not in _EXTENSIONS:
-        raise ConversionError(f"{path}: unexpected file (CVC-ClinicDB frames are 1.tif ... 612.tif or .png); remove it")
+        raise ConversionError(f"{path}: unexpected file (CVC-ClinicDB frames are 1.tif ... 612.tif, .png or .jpg); remove it")
     if not re.fullmatch(r"\d+", path.stem):
         raise ConversionError(f"{path}: file name is not a frame number (CVC-ClinicDB frames are 1.tif ... 612.tif); "
                               f"remove or rename it")
