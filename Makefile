@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_CONSTRAINTS ?= constraints-cpu.txt
+TORCH_CONSTRAINTS ?= constraints.txt
+PIP_INDEX_ARGS ?=
 
 .PHONY: venv install demo test test-cuda benchmark clean
 
@@ -10,9 +11,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch and torchvision pinned as a pair (constraints-cpu.txt), so that pip does not swap torch for another build
+# torch and torchvision pinned as a pair (constraints.txt says why)
 $(VENV)/.installed: setup.py $(TORCH_CONSTRAINTS) $(BIN)/python
-	$(BIN)/pip install -q -c $(TORCH_CONSTRAINTS) -e ".[test]"
+	$(BIN)/pip install -q $(PIP_INDEX_ARGS) -c $(TORCH_CONSTRAINTS) -e ".[test]"
 	touch $@
 
 venv: $(BIN)/python
