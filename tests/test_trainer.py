@@ -113,17 +113,6 @@ def lrs_over_run(trainer):
     return optimizer, list(lrs.values())
 
 
-def test_paper_recipe_adamw_with_cosine_to_1e_5(nnunet_folders):
-    trainer = make_trainer(nnUNetTrainerSAUMamba_300epochs)
-    optimizer, (start, middle, end) = lrs_over_run(trainer)
-    assert isinstance(optimizer, torch.optim.AdamW)
-    assert optimizer.param_groups[0]["weight_decay"] == 1e-2
-    assert trainer.num_epochs == 300
-    assert start == pytest.approx(1e-3)
-    assert middle == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
-    assert end == pytest.approx(1e-5)
-
-
 @pytest.mark.parametrize("cls, fused_on_cuda", [(nnUNetTrainerSAUMamba, True),
                                                   (nnUNetTrainerSAUMambaReference, False)])
 def test_adamw_is_fused_on_cuda_for_the_fast_path_only(nnunet_folders, cls, fused_on_cuda):
@@ -134,15 +123,6 @@ def test_adamw_is_fused_on_cuda_for_the_fast_path_only(nnunet_folders, cls, fuse
     trainer.device = torch.device("cuda")  # only the flag is read; torch's fused AdamW also accepts CPU tensors
     optimizer, _ = trainer.configure_optimizers()
     assert bool(optimizer.defaults["fused"]) is fused_on_cuda
-
-
-def test_sgd_variant_uses_nnunet_recipe(nnunet_folders):
-    trainer = make_trainer(nnUNetTrainerSAUMambaSGD)
-    optimizer, (start, middle, end) = lrs_over_run(trainer)
-    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["nesterov"]
-    assert start == pytest.approx(1e-2)
-    assert middle == pytest.approx(1e-2 * 0.5 ** 0.9)
-    assert end == pytest.approx(0.0)
 
 
 def test_architecture_variants(nnunet_folders):

@@ -1,4 +1,5 @@
-"""nnUNetTrainerSAUMamba: nnU-Net v2's trainer with the SA-UMamba network and the paper's AdamW recipe.
+"""nnUNetTrainerSAUMamba: nnU-Net v2's trainer with the SA-UMamba network and the paper's AdamW recipe, made stable
+at the batch sizes nnU-Net plans (learning rate scaled to the batch, warm-up, non-finite steps skipped).
 
 Variants that change one thing each live in ``nnunetv2_sa_umamba.training.variants``.
 """
@@ -6,44 +7,22 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch._dynamo import OptimizedModule
-from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
+from nnunetv2_sa_umamba.training.lr_schedule import WarmupDecayLRScheduler, batch_scaled_lr, warmup_epochs_for
+from nnunetv2_sa_umamba.training.nonfinite import NonFiniteTrainingError, SkippedStepCounter
 from nnunetv2_sa_umamba.training.cuda_graphs import (disable_inference_graphs, disable_training_graphs,
                                                      enable_inference_graphs, enable_training_graphs)
-
-
-class CosineToMinLRScheduler(_LRScheduler):
-    """Cosine decay from ``initial_lr`` at step 0 to ``min_lr`` at ``max_steps``; ``step(epoch)`` like
-    nnU-Net's PolyLRScheduler, so the value depends only on the epoch (resume-safe)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_steps: int,
-                 min_lr: float = 1e-5):
-        self.initial_lr, self.max_steps, self.min_lr = initial_lr, max_steps, min_lr
-        self.ctr = 0
-        super().__init__(optimizer, -1)
-
-    def lr_at(self, step: int) -> float:
-        progress = min(step, self.max_steps) / self.max_steps
-        return self.min_lr + (self.initial_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def step(self, current_step: int | None = None) -> None:
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(current_step)
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    def get_last_lr(self) -> list[float]:
-        return self._last_lr
 
 
 def round_up_patch_size(patch_size, multiple: int) -> list[int]:
@@ -78,9 +57,12 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
             self.plans_manager.plans["configurations"][configuration]["patch_size"] = rounded
             self.print_to_log_file(f"Patch size {list(patch_size)} rounded up to {rounded} "
                                    f"(SA-UMamba needs multiples of {self.size_multiple}).")
-        self.initial_lr = 1e-3
+        self.initial_lr = 1e-3  # the paper's, for batch 32; scaled to the planned batch (lr_schedule.py)
         self.weight_decay = 1e-2
         self.min_lr = 1e-5
+        self.lr_decay = "cosine"
+        self.grad_clip_norm = 12.0  # nnU-Net's
+        self.skipped_steps = SkippedStepCounter()
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -155,17 +137,93 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self._plain_network().deep_supervision = enabled
 
+    def learning_rate(self) -> float:
+        """The peak learning rate: ``initial_lr`` scaled to the global (all-GPU) batch size."""
+        return batch_scaled_lr(self.initial_lr, self.configuration_manager.batch_size)
+
+    def _lr_scheduler(self, optimizer: torch.optim.Optimizer, peak_lr: float) -> WarmupDecayLRScheduler:
+        warmup = warmup_epochs_for(self.num_epochs)
+        scaled = (f" ({self.initial_lr:g} scaled to batch {self.configuration_manager.batch_size})"
+                  if peak_lr != self.initial_lr else "")
+        self.print_to_log_file(
+            f"Learning rate: peak {peak_lr:.3g}{scaled}, linear warm-up over {warmup} epoch(s), {self.lr_decay} "
+            f"decay over {self.num_epochs} epochs; steps with a non-finite loss or gradient are skipped.")
+        return WarmupDecayLRScheduler(optimizer, peak_lr, self.num_epochs, warmup, self.lr_decay, self.min_lr)
+
     def configure_optimizers(self):
-        # fused: one kernel for all 42M weights instead of foreach's launches (same update, ~10 ms less per step)
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
+        # fused: one kernel for all weights instead of foreach's many launches (same update)
+        peak_lr = self.learning_rate()
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=peak_lr, weight_decay=self.weight_decay,
                                       fused=self.fused_optimizer and self.device.type == "cuda")
-        return optimizer, CosineToMinLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.min_lr)
+        return optimizer, self._lr_scheduler(optimizer, peak_lr)
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step (autocast, GradScaler, clipping at norm 12) that skips and counts steps whose loss or
+        gradient is not finite instead of applying them; too many in a row stop training with a message."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type) if self.device.type == "cuda" else nullcontext():
+            output = self.network(data)
+            loss = self.loss(output, target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            self.grad_scaler.step(self.optimizer)  # skips the update by itself when a gradient is not finite
+            self.grad_scaler.update()
+            loss_value, grad_norm_value = _to_host(loss, grad_norm)
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            loss_value, grad_norm_value = _to_host(loss, grad_norm)
+            if math.isfinite(loss_value) and math.isfinite(grad_norm_value):
+                self.optimizer.step()
+        if self.skipped_steps.record(loss_value, grad_norm_value):
+            if not math.isfinite(loss_value):
+                _check_input_is_finite(batch, data)
+            if self.skipped_steps.diverged:
+                raise NonFiniteTrainingError(self.skipped_steps.divergence_message(self.current_epoch))
+        return {"loss": np.array(loss_value)}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        # nnU-Net's mean, over the steps that trained (a skipped step's loss is NaN or inf)
+        losses = np.asarray(collate_outputs(train_outputs)["loss"], dtype=np.float64).ravel()
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, losses)
+            losses = np.concatenate(gathered)
+        finite = losses[np.isfinite(losses)]
+        self.logger.log("train_losses", float(finite.mean()) if finite.size else float("nan"), self.current_epoch)
+        summary = self.skipped_steps.epoch_summary(len(train_outputs))
+        if summary:
+            self.print_to_log_file(summary)
 
     def _do_i_compile(self) -> bool:
         # Off by default. The scan is a registered custom op, so compiling keeps one graph (tested in ops), but
         # compiling the whole network took over two minutes on an H100 without a measured speedup
         # (docs/BENCHMARKS.md). nnUNet_compile=1 turns it on, on CUDA only (nnU-Net's 2D CPU compile crashes).
         return _compile_requested() and self.device.type == "cuda"
+
+
+def _to_host(loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
+    # one device-to-host copy per step, as nnU-Net's own loss.cpu()
+    loss_value, grad_norm_value = torch.stack([loss.detach().float(), grad_norm.detach().float()]).cpu().tolist()
+    return loss_value, grad_norm_value
+
+
+def _check_input_is_finite(batch: dict, data: torch.Tensor) -> None:
+    """A non-finite loss from non-finite input is a data problem that no learning rate fixes: say which cases."""
+    finite = torch.isfinite(data.flatten(1)).all(dim=1).tolist()
+    if all(finite):
+        return
+    keys = batch.get("keys", [f"sample {i}" for i in range(len(finite))])
+    bad = [str(key) for key, ok in zip(keys, finite) if not ok]
+    raise ValueError(f"The training input of case(s) {', '.join(bad)} contains NaN or inf after nnU-Net's "
+                     "preprocessing. Check these images in nnUNet_raw (e.g. with nnUNetv2_plan_and_preprocess "
+                     "--verify_dataset_integrity), fix or remove them, and preprocess again.")
 
 
 def _compile_requested() -> bool:
