@@ -92,7 +92,7 @@ def convert_cvc_clinicdb(input_dir: Path, output: Path | None = None, dataset_id
     train, val, test = cvc_split(list(by_id), seed)
     dest = resolve_dataset_dir(output, dataset_id, DATASET_NAME)
 
-    with atomic_dataset_dir(dest, overwrite) as tmp:
+    with atomic_dataset_dir(dest, overwrite, input_dir) as tmp:
         dirs = make_nnunet_dirs(tmp)
         jobs = [(*by_id[c], dirs["imagesTr"] / f"{c}_0000.png", dirs["labelsTr"] / f"{c}.png") for c in train + val]
         jobs += [(*by_id[c], dirs["imagesTs"] / f"{c}_0000.png", dirs["labelsTs"] / f"{c}.png") for c in test]
@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """saumamba_convert_cvc; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     return run_cli(lambda: convert_cvc_clinicdb(args.input, args.output, args.dataset_id, args.seed, args.resize,
-                                                args.overwrite, args.num_workers, not args.no_verify))
+                                                args.overwrite, args.num_workers, not args.no_verify), parser.prog)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +129,8 @@ def test_errors_name_the_file_and_write_nothing(tmp_path, capsys, what):
     code = main(["-i", str(tmp_path / "download"), "-o", str(tmp_path / "raw"), "-np", "1", "--no-verify"])
     err = capsys.readouterr().err
     assert code == 1 and name in err and "Traceback" not in err
-    assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
+    assert err.startswith("saumamba_convert_cvc: error: ")
+    assert not (tmp_path / "raw").exists()  # not even the -o folder the run would have created
 
 
 def test_missing_folders_are_explained(tmp_path):
@@ -133,3 +139,58 @@ def test_missing_folders_are_explained(tmp_path):
         convert_cvc_clinicdb(tmp_path / "download", tmp_path / "raw", verify=False)
     with pytest.raises(ConversionError, match="does not exist"):
         convert_cvc_clinicdb(tmp_path / "nowhere", tmp_path / "raw", verify=False)
+
+
+def test_jpeg_frames_of_a_resized_mirror_convert(tmp_path):
+    root = tmp_path / "cvc_clinicdb_256"
+    (root / "Original").mkdir(parents=True)
+    (root / "Ground Truth").mkdir()
+    rng = np.random.default_rng(0)
+    frames = [f for f in range(1, 15) if f not in (3, 11)]  # frames may be missing from a mirror
+    for frame in frames:
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "Original" / f"{frame}.jpg")
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:10, 5:12] = 255
+        Image.fromarray(mask).save(root / "Ground Truth" / f"{frame}.png")
+    dest = convert_cvc_clinicdb(root, tmp_path / "raw", num_workers=1, verify=False)
+    record = json.loads((dest / "conversion_split.json").read_text())
+    assert sorted(record["train"] + record["val"] + record["test"]) == [f"cvc_{f:04d}" for f in frames]
+    label = np.asarray(Image.open(next((dest / "labelsTr").iterdir())))
+    assert set(np.unique(label)) == {0, 1} and label[4:10, 5:12].all()
+    assert Image.open(next((dest / "imagesTr").iterdir())).mode == "RGB"
+
+
+def test_overwrite_refuses_an_input_inside_the_dataset_it_replaces(tmp_path, capsys):
+    dest = tmp_path / "raw" / "Dataset804_CVCClinicDB"
+    make_cvc(dest / "download")
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
+    code = main(["-i", str(dest / "download"), "-o", str(tmp_path / "raw"), "--overwrite", "-np", "1", "--no-verify"])
+    err = capsys.readouterr().err
+    assert code == 1 and "lies inside the dataset folder" in err and "Traceback" not in err
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Dataset804_CVCClinicDB"]
+
+
+def test_python_api_takes_str_paths(tmp_path):
+    make_cvc(tmp_path / "download", frames=10)
+    dest = convert_cvc_clinicdb(str(tmp_path / "download"), str(tmp_path / "raw"), num_workers=1, verify=False)
+    assert dest == tmp_path / "raw" / "Dataset804_CVCClinicDB" and (dest / "dataset.json").is_file()
+
+
+def test_sigterm_leaves_no_partial_folder(tmp_path):
+    make_cvc(tmp_path / "download", frames=10)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    # nnU-Net's verification runs for seconds inside the build folder: the kill lands while it exists
+    process = subprocess.Popen([sys.executable, "-m", "dataset_conversion.cvc_clinicdb", "-i", str(tmp_path / "download"),
+                                "-o", str(raw), "-np", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".Dataset804_CVCClinicDB.partial-") for p in raw.iterdir()):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.02)
+    time.sleep(0.2)
+    os.kill(process.pid, signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert list(raw.iterdir()) == []
