@@ -15,7 +15,8 @@ import tifffile
 from PIL import Image
 
 from dataset_conversion.common import ConversionError
-from dataset_conversion.cvc_clinicdb import convert_cvc_clinicdb, cvc_split, main
+from dataset_conversion.cvc_clinicdb import (SEQUENCE_FRAMES, convert_cvc_clinicdb, cvc_split, cvc_video_split, main,
+                                             sequence_of)
 
 
 def make_cvc(root: Path, frames: int = 20, png: bool = False, names=("Original", "Ground Truth"),
@@ -194,3 +195,57 @@ def test_sigterm_leaves_no_partial_folder(tmp_path):
     process.communicate(timeout=60)
     assert process.returncode != 0
     assert list(raw.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ split by video
+
+def test_sequence_table_covers_all_612_frames_once():
+    assert [sequence_of(f) for f in (1, 25, 26, 200, 205, 206, 478, 479, 591, 592, 612)] == \
+        [1, 1, 2, 10, 10, 11, 23, 24, 28, 29, 29]
+    assert sum(last - first + 1 for first, last in SEQUENCE_FRAMES) == 612 and len(SEQUENCE_FRAMES) == 29
+    with pytest.raises(ValueError):
+        sequence_of(613)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_video_split_keeps_every_sequence_in_one_part(seed):
+    # the 256 x 256 mirror lacks frames 133, 419 and 480
+    frames = {f"cvc_{f:04d}": f for f in range(1, 613) if f not in (133, 419, 480)}
+    train, val, test, sequences = cvc_video_split(frames, seed)
+    assert sorted(train + val + test) == sorted(frames)
+    parts = {name: {sequence_of(frames[c]) for c in cases} for name, cases in
+             (("train", train), ("val", val), ("test", test))}
+    assert parts == {name: set(seqs) for name, seqs in sequences.items()}
+    assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"] or parts["val"] & parts["test"])
+    for held_out in (val, test):
+        assert 40 <= len(held_out) <= 85  # about 10 % of 609 frames, in whole sequences of 6-26 frames
+    assert cvc_video_split(dict(reversed(list(frames.items()))), seed) == (train, val, test, sequences)
+    assert cvc_video_split(frames, seed + 10)[2] != test
+
+
+def test_video_split_end_to_end_records_sequences(tmp_path, capsys):
+    make_cvc(tmp_path / "download", frames=80)  # sequences 1-5 (frames 79-80 of sequence 5)
+    assert main(["-i", str(tmp_path / "download"), "-o", str(tmp_path / "raw"), "--split", "video", "--seed", "3",
+                 "-np", "1", "--no-verify"]) == 0
+    dest = tmp_path / "raw" / "Dataset804_CVCClinicDB"
+    record = json.loads((dest / "conversion_split.json").read_text())
+    (fold,) = json.loads((dest / "splits_final.json").read_text())
+    assert (record["split"], record["seed"]) == ("video", 3)
+    assert (fold["train"], fold["val"]) == (record["train"], record["val"])
+    for part in ("train", "val", "test"):
+        assert {sequence_of(int(c[4:])) for c in record[part]} == set(record["sequences"][part])
+    assert sorted(sum(record["sequences"].values(), [])) == [1, 2, 3, 4, 5]
+    assert _ids(dest / "imagesTs", "_0000.png") == record["test"]
+    assert json.loads((dest / "dataset.json").read_text())["conversion"]["split"].startswith("seeded, whole video")
+
+
+def test_video_split_refuses_frames_outside_the_table(tmp_path):
+    make_cvc(tmp_path / "download", frames=20)
+    for folder in ("Original", "Ground Truth"):
+        (tmp_path / "download" / folder / "7.tif").rename(tmp_path / "download" / folder / "700.tif")
+    with pytest.raises(ConversionError, match="frame 700 is not in CVC-ClinicDB's frame -> video table"):
+        convert_cvc_clinicdb(tmp_path / "download", tmp_path / "raw", split="video", verify=False)
+    make_cvc(tmp_path / "one_video", frames=20)  # all of sequence 1
+    with pytest.raises(ConversionError, match="at least 3 sequences.*--split random"):
+        convert_cvc_clinicdb(tmp_path / "one_video", tmp_path / "raw", split="video", verify=False)
+    assert not (tmp_path / "raw").exists()
