@@ -328,7 +328,8 @@ def _remove_stale_leftovers(dest: Path) -> None:
 
     Only folders holding our owner file, written on this host by a process that no longer runs, are ours.
     """
-    for leftover in sorted(dest.parent.glob(f".{dest.name}.partial-*")) + sorted(dest.parent.glob(f".{dest.name}.old-*")):
+    leftovers = [p for kind in ("partial", "old") for p in sorted(dest.parent.glob(f".{dest.name}.{kind}-*"))]
+    for leftover in leftovers:
         owner_file = leftover / _OWNER_FILE
         if leftover.is_symlink() or not owner_file.is_file():
             continue

@@ -128,7 +128,7 @@ def cvc_video_split(frames: dict[str, int], seed: int) -> tuple[list[str], list[
     return parts[0], parts[1], parts[2], {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
 
 
-def convert_cvc_clinicdb(input_dir: Path, output: Path | None = None, dataset_id: int = DEFAULT_DATASET_ID,
+def convert_cvc_clinicdb(input_dir: str | Path, output: str | Path | None = None, dataset_id: int = DEFAULT_DATASET_ID,
                          seed: int = 0, resize: int | None = None, overwrite: bool = False,
                          num_workers: int = DEFAULT_NUM_WORKERS, verify: bool = True,
                          split: Split = "random") -> Path:

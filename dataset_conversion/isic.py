@@ -168,7 +168,7 @@ def _check_disjoint(parts: dict[str, Part]) -> None:
             seen[case_id] = image
 
 
-def convert_isic(year: int, input_dir: Path, output: Path | None = None, dataset_id: int | None = None,
+def convert_isic(year: int, input_dir: str | Path, output: str | Path | None = None, dataset_id: int | None = None,
                  split: Split = "auto", seed: int = 0, resize: int | None = None, overwrite: bool = False,
                  num_workers: int = DEFAULT_NUM_WORKERS, verify: bool = True) -> Path:
     """Convert ISIC `year` (2017 or 2018) into `output`/DatasetXXX_ISIC<year>; returns that folder.

@@ -393,9 +393,9 @@ def _transunet_jobs(npz_dir: Path, h5_dir: Path, dirs: dict[str, Path],
     return npz_jobs, h5_jobs
 
 
-def convert_synapse(input_dir: Path, output: Path | None = None, dataset_id: int = DEFAULT_DATASET_ID,
+def convert_synapse(input_dir: str | Path, output: str | Path | None = None, dataset_id: int = DEFAULT_DATASET_ID,
                     source: Source = "auto", label_map: dict[int, int] | None = None,
-                    spacing_from: Path | None = None, overwrite: bool = False,
+                    spacing_from: str | Path | None = None, overwrite: bool = False,
                     num_workers: int = DEFAULT_NUM_WORKERS, verify: bool = True) -> Path:
     """Convert Synapse (raw BTCV or TransUNet's release) into `output`/DatasetXXX_Synapse; returns that folder.
 

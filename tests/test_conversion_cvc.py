@@ -183,8 +183,9 @@ def test_sigterm_leaves_no_partial_folder(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     # nnU-Net's verification runs for seconds inside the build folder: the kill lands while it exists
-    process = subprocess.Popen([sys.executable, "-m", "dataset_conversion.cvc_clinicdb", "-i", str(tmp_path / "download"),
-                                "-o", str(raw), "-np", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    command = [sys.executable, "-m", "dataset_conversion.cvc_clinicdb", "-i", str(tmp_path / "download"),
+               "-o", str(raw), "-np", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                cwd=Path(__file__).resolve().parents[1])
     deadline = time.time() + 60
     while not any(p.name.startswith(".Dataset804_CVCClinicDB.partial-") for p in raw.iterdir()):
