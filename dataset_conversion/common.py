@@ -15,8 +15,12 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import socket
+import stat
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -265,7 +269,7 @@ def dataset_dir_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
 
 
-def resolve_dataset_dir(output: Path | None, dataset_id: int, name: str) -> Path:
+def resolve_dataset_dir(output: str | os.PathLike | None, dataset_id: int, name: str) -> Path:
     """The folder to create: `output`/DatasetXXX_Name, where `output` defaults to $nnUNet_raw.
 
     Another folder already using the same ID there is an error, since nnU-Net could not tell them apart.
@@ -275,7 +279,8 @@ def resolve_dataset_dir(output: Path | None, dataset_id: int, name: str) -> Path
         if not raw:
             raise ConversionError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw "
                                   "or pass -o/--output FOLDER")
-        output = Path(raw)
+        output = raw
+    output = Path(output)
     folder = dataset_dir_name(dataset_id, name)
     if output.exists() and not output.is_dir():
         raise ConversionError(f"{output} is a file; -o/--output must be a folder")
@@ -288,25 +293,115 @@ def resolve_dataset_dir(output: Path | None, dataset_id: int, name: str) -> Path
     return output / folder
 
 
-@contextlib.contextmanager
-def atomic_dataset_dir(dest: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty folder beside `dest` to build the dataset in; it becomes `dest` only if the block
-    completes, and is deleted otherwise. An existing `dest` is an error unless `overwrite`, in which
-    case it is replaced only once the new dataset is complete."""
+# written into the build folder; a leftover folder is only deleted when it carries this and its process is gone
+_OWNER_FILE = ".saumamba_conversion.json"
+
+
+def _check_destination(dest: Path, overwrite: bool, source: Path | None) -> None:
+    """Refuse, before anything is written, a destination whose replacement would lose data."""
+    if dest.is_symlink():
+        raise ConversionError(f"{dest} is a symbolic link; --overwrite would replace the link, not the folder it "
+                              f"points to. Remove the link or pass its target's parent as -o/--output")
     if dest.exists() and not (overwrite and dest.is_dir()):
         raise ConversionError(f"{dest} already exists; pass --overwrite to replace it" if dest.is_dir()
                               else f"{dest} is a file; move it away")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    if source is not None:
+        source, target = source.resolve(), dest.resolve()
+        if source == target or target in source.parents:
+            raise ConversionError(f"the input {source} lies inside the dataset folder {target}, which the "
+                                  f"conversion would replace; move the download elsewhere or pass another "
+                                  f"-o/--output or -d/--dataset-id")
+
+
+def _process_alive(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_leftovers(dest: Path) -> None:
+    """Delete build (.partial-*) and replaced (.old-*) folders of `dest` that a killed run left behind.
+
+    Only folders holding our owner file, written on this host by a process that no longer runs, are ours.
+    """
+    leftovers = [p for kind in ("partial", "old") for p in sorted(dest.parent.glob(f".{dest.name}.{kind}-*"))]
+    for leftover in leftovers:
+        owner_file = leftover / _OWNER_FILE
+        if leftover.is_symlink() or not owner_file.is_file():
+            continue
+        try:
+            owner = json.loads(owner_file.read_text(encoding="utf-8"))
+            ours = owner["host"] == socket.gethostname() and not _process_alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if ours:
+            print(f"Removing {leftover}, left behind by an interrupted conversion", file=sys.stderr)
+            _rmtree(leftover)
+
+
+def _rmtree(path: Path) -> None:
+    """shutil.rmtree that also deletes read-only entries (extracted archives often are), as --overwrite asks."""
+    def make_writable_and_retry(function: Callable, name: str, *_: Any) -> None:
+        os.chmod(os.path.dirname(name), stat.S_IRWXU)
+        if not os.path.islink(name) and os.path.isdir(name):
+            os.chmod(name, stat.S_IRWXU)
+        function(name)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=make_writable_and_retry)
+    else:
+        shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the folders created, deepest first, so that a failed run can remove them."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _remove_empty(missing)
+        raise ConversionError(f"cannot create the output folder {folder} ({error.strerror or error}); "
+                              f"pass a writable folder as -o/--output") from error
+    return missing
+
+
+@contextlib.contextmanager
+def atomic_dataset_dir(dest: Path, overwrite: bool, source: Path | None = None) -> Iterator[Path]:
+    """Yield an empty folder beside `dest` to build the dataset in; it becomes `dest` only if the block
+    completes, and is deleted otherwise. An existing `dest` is an error unless `overwrite`, in which
+    case it is replaced only once the new dataset is complete. `source` (the input folder) may not lie
+    inside `dest`. Output folders this call created are removed again if the block fails."""
+    dest = Path(dest)
+    _check_destination(dest, overwrite, source)
+    created = _make_parents(dest.parent)
+    _remove_stale_leftovers(dest)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    except OSError as error:
+        _remove_empty(created)
+        raise ConversionError(f"cannot write into {dest.parent} ({error.strerror or error}); "
+                              f"pass a writable folder as -o/--output") from error
+    try:
+        _write_owner(tmp)
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset should not be
         yield tmp
+        (tmp / _OWNER_FILE).unlink()
         _move_into_place(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
@@ -316,13 +411,25 @@ def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConversionError(f"{dest} appeared while converting; pass --overwrite to replace it")
     old = tmp.with_name(tmp.name.replace(".partial-", ".old-"))
+    # marked as ours before the rename, so that the copy a killed run leaves behind is cleaned up next time
+    with contextlib.suppress(OSError):
+        _write_owner(dest)
     dest.rename(old)
     try:
         tmp.rename(dest)
     except BaseException:
         old.rename(dest)
+        (dest / _OWNER_FILE).unlink(missing_ok=True)
         raise
-    shutil.rmtree(old)
+    try:
+        _rmtree(old)
+    except OSError as error:
+        print(f"warning: the new dataset is complete in {dest}, but the old one could not be fully deleted "
+              f"({error}); delete {old} yourself", file=sys.stderr)
+
+
+def _write_owner(folder: Path) -> None:
+    write_json(folder / _OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname()})
 
 
 def make_nnunet_dirs(folder: Path, with_test: bool = True) -> dict[str, Path]:
@@ -395,12 +502,20 @@ def positive_int(text: str) -> int:
     return value
 
 
-def run_cli(convert: Callable[[], Path]) -> int:
-    """Run a conversion; bad input is printed as one line on stderr (no traceback) with exit code 1."""
+def run_cli(convert: Callable[[], Path], prog: str) -> int:
+    """Run a conversion; bad input is printed as one line on stderr, `prog: error: ...` as argparse prints
+    its own errors, with exit code 1. SIGTERM (a killed job) cleans up like Ctrl-C."""
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
     try:
         dest = convert()
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(f"Wrote {dest}")
     return 0

@@ -168,7 +168,7 @@ def _check_disjoint(parts: dict[str, Part]) -> None:
             seen[case_id] = image
 
 
-def convert_isic(year: int, input_dir: Path, output: Path | None = None, dataset_id: int | None = None,
+def convert_isic(year: int, input_dir: str | Path, output: str | Path | None = None, dataset_id: int | None = None,
                  split: Split = "auto", seed: int = 0, resize: int | None = None, overwrite: bool = False,
                  num_workers: int = DEFAULT_NUM_WORKERS, verify: bool = True) -> Path:
     """Convert ISIC `year` (2017 or 2018) into `output`/DatasetXXX_ISIC<year>; returns that folder.
@@ -199,7 +199,7 @@ def convert_isic(year: int, input_dir: Path, output: Path | None = None, dataset
         train, test = ids["train"], ids["val"]
         record = {"split": "archive", "train": train, "test": test}
 
-    with atomic_dataset_dir(dest, overwrite) as tmp:
+    with atomic_dataset_dir(dest, overwrite, input_dir) as tmp:
         dirs = make_nnunet_dirs(tmp)
         jobs = [(*by_id[c], dirs["imagesTr"] / f"{c}_0000.png", dirs["labelsTr"] / f"{c}.png") for c in train]
         jobs += [(*by_id[c], dirs["imagesTs"] / f"{c}_0000.png", dirs["labelsTs"] / f"{c}.png") for c in test]
@@ -237,9 +237,11 @@ def build_parser(year: int) -> argparse.ArgumentParser:
 
 
 def _main(year: int, argv: list[str] | None) -> int:
-    args = build_parser(year).parse_args(argv)
+    parser = build_parser(year)
+    args = parser.parse_args(argv)
     return run_cli(lambda: convert_isic(year, args.input, args.output, args.dataset_id, args.split, args.seed,
-                                        args.resize, args.overwrite, args.num_workers, not args.no_verify))
+                                        args.resize, args.overwrite, args.num_workers, not args.no_verify),
+                   parser.prog)
 
 
 def main_2017(argv: list[str] | None = None) -> int:

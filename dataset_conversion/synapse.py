@@ -40,6 +40,11 @@ TRAIN_IDS = ("0005", "0006", "0007", "0009", "0010", "0021", "0023", "0024", "00
              "0031", "0033", "0034", "0037", "0039", "0040")
 # TransUNet scaled clipped HU to [0, 1] in float32; allow rounding slack
 _UNIT_RANGE_SLACK = 1e-4
+# label volumes are at most 16-bit; a larger source label cannot occur and would size the lookup table
+MAX_SOURCE_LABEL = 65535
+# a label's origin may differ from its image's by this fraction of a voxel (header round-off), no more
+ORIGIN_TOLERANCE_VOXELS = 0.1
+DIRECTION_TOLERANCE = 1e-3
 
 Source = Literal["auto", "raw", "transunet"]
 
@@ -66,6 +71,10 @@ def parse_label_map(text: str) -> dict[int, int]:
 
 def check_label_map(mapping: dict[int, int]) -> dict[int, int]:
     """Validate {source label: TransUNet label}; every TransUNet organ 1..8 must be produced."""
+    too_large = sorted(s for s in mapping if not 1 <= s <= MAX_SOURCE_LABEL)
+    if too_large:
+        raise ConversionError(f"--label-map source labels {too_large[:3]} are outside 1..{MAX_SOURCE_LABEL}; "
+                              f"give the label values the release's label volumes hold")
     bad = sorted(d for d in mapping.values() if not 1 <= d <= 8)
     if bad:
         raise ConversionError(f"--label-map targets {bad} are not TransUNet organs; targets must be 1..8 "
@@ -99,7 +108,7 @@ def remap_labels(labels: np.ndarray, table: np.ndarray, strict: bool, path: Path
     if top >= len(table):
         if strict:
             raise ConversionError(f"{path}: contains label {top}, but {hint}")
-        table = np.pad(table, (0, top + 1 - len(table)))
+        labels = np.where(labels < len(table), labels, 0)  # unmapped; no table as large as the largest label
     return table[labels]
 
 
@@ -174,6 +183,13 @@ def _convert_raw_case(job: tuple[Path, Path, Path, Path], table: np.ndarray, str
     if not np.allclose(image.GetSpacing(), label.GetSpacing(), rtol=1e-3, atol=1e-4):
         raise ConversionError(f"{label_path} has spacing {label.GetSpacing()} but its image {image_path} has "
                               f"{image.GetSpacing()}; they must match")
+    # the label is written with the image's geometry, so it must already lie where the image lies
+    shift = np.abs(np.subtract(image.GetOrigin(), label.GetOrigin()))
+    if np.any(shift > ORIGIN_TOLERANCE_VOXELS * min(image.GetSpacing())) or \
+            not np.allclose(image.GetDirection(), label.GetDirection(), atol=DIRECTION_TOLERANCE):
+        raise ConversionError(f"{label_path} has origin {label.GetOrigin()} and direction {label.GetDirection()} but "
+                              f"its image {image_path} has {image.GetOrigin()} and {image.GetDirection()}; the label "
+                              f"would be misplaced. Use the label volume that belongs to this image")
     raw = sitk.GetArrayFromImage(label)
     remapped = remap_labels(raw, table, strict, label_path,
                             "raw BTCV labels are 0..13: this is another release with its own label order; "
@@ -377,9 +393,9 @@ def _transunet_jobs(npz_dir: Path, h5_dir: Path, dirs: dict[str, Path],
     return npz_jobs, h5_jobs
 
 
-def convert_synapse(input_dir: Path, output: Path | None = None, dataset_id: int = DEFAULT_DATASET_ID,
+def convert_synapse(input_dir: str | Path, output: str | Path | None = None, dataset_id: int = DEFAULT_DATASET_ID,
                     source: Source = "auto", label_map: dict[int, int] | None = None,
-                    spacing_from: Path | None = None, overwrite: bool = False,
+                    spacing_from: str | Path | None = None, overwrite: bool = False,
                     num_workers: int = DEFAULT_NUM_WORKERS, verify: bool = True) -> Path:
     """Convert Synapse (raw BTCV or TransUNet's release) into `output`/DatasetXXX_Synapse; returns that folder.
 
@@ -390,6 +406,7 @@ def convert_synapse(input_dir: Path, output: Path | None = None, dataset_id: int
     if source not in ("auto", "raw", "transunet"):
         raise ValueError(f"source must be 'auto', 'raw' or 'transunet', not {source!r}")
     input_dir = require_dir(Path(input_dir), "the Synapse download")
+    spacing_from = Path(spacing_from) if spacing_from is not None else None
     if label_map is not None:
         label_map = check_label_map(label_map)
     raw = find_raw_release(input_dir) if source in ("auto", "raw") else None
@@ -413,7 +430,7 @@ def convert_synapse(input_dir: Path, output: Path | None = None, dataset_id: int
         mapping = label_map or TRANSUNET_IDENTITY
         table = lookup_table(mapping, len(LABELS))
 
-    with atomic_dataset_dir(dest, overwrite) as tmp:
+    with atomic_dataset_dir(dest, overwrite, input_dir) as tmp:
         dirs = make_nnunet_dirs(tmp)
         if raw:
             jobs = []
@@ -472,13 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """saumamba_convert_synapse; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     def convert() -> Path:
         label_map = parse_label_map(args.label_map) if args.label_map is not None else None
         return convert_synapse(args.input, args.output, args.dataset_id, args.source, label_map, args.spacing_from,
                                args.overwrite, args.num_workers, not args.no_verify)
-    return run_cli(convert)
+    return run_cli(convert, parser.prog)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Reference-naming import/export and the VMamba ImageNet loader, on synthetic checkpoints."""
+"""Reference-naming import/export, the released scripts' files, nnU-Net's checkpoints and the VMamba ImageNet
+loader, on synthetic checkpoints laid out as those programs write them."""
+import numpy as np
 import pytest
 import torch
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.checkpoints import (CheckpointError, load_reference_weights, load_state_dict_file,
-                                            load_vmamba_pretrained, ours_to_reference, reference_to_ours)
+from nnunetv2_sa_umamba.checkpoints import (CheckpointError, load_reference_checkpoint, load_reference_weights,
+                                            load_state_dict_file, load_vmamba_pretrained, main, ours_to_reference,
+                                            reference_to_nnunet, reference_to_ours)
 
 SMALL = dict(dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), decoder_depths=(2, 2, 2, 1))
 
@@ -49,7 +52,7 @@ def test_reference_import_ignores_unused_modules_and_loads_values():
 
 
 def test_reference_import_refuses_unknown_keys_and_wrong_shapes():
-    with pytest.raises(KeyError, match="not in the SA-UMamba/VM-UNet reference naming"):
+    with pytest.raises(CheckpointError, match="not in the SA-UMamba/VM-UNet reference naming"):
         reference_to_ours({"encoder.stem.weight": torch.zeros(1)})
     reference = ours_to_reference(SAUMamba(3, 9, **SMALL).state_dict())
     with pytest.raises(CheckpointError, match="final_conv|head"):
@@ -138,3 +141,143 @@ def test_yacs_config_is_read_as_plain_data(tmp_path):
     state = load_state_dict_file(path)
     assert list(state) == ["w"]
     assert torch.equal(state["w"], torch.ones(2))
+
+
+# --- files of the released training scripts -------------------------------------------------------------------
+
+def _released_state_dict(model: SAUMamba) -> dict:
+    """``VMUNet.state_dict()`` as the released train.py / train_synapse.py save it: the network is VMUNet's
+    ``vmunet`` attribute, and the released code also builds iAFF and DySample modules that never run."""
+    reference = ours_to_reference(model.state_dict())
+    reference["iaffs.0.local_att.0.weight"] = torch.zeros(4, 8, 1, 1)
+    reference["layers_up.1.new_upsample.offset.weight"] = torch.zeros(8, 4, 1, 1)
+    return {f"vmunet.{key}": value for key, value in reference.items()}
+
+
+def _assert_same_weights(target: SAUMamba, source: SAUMamba) -> None:
+    for key, value in source.state_dict().items():
+        if not key.startswith("deep_supervision_heads"):
+            assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_best_pth_of_the_released_scripts_loads(tmp_path):
+    source, target = SAUMamba(3, 2, **SMALL), SAUMamba(3, 2, **SMALL)
+    torch.save(_released_state_dict(source), tmp_path / "best.pth")
+    report = load_reference_weights(target, load_state_dict_file(tmp_path / "best.pth"))
+    _assert_same_weights(target, source)
+    assert sorted(report.ignored) == ["iaffs.0.local_att.0.weight", "layers_up.1.new_upsample.offset.weight"]
+    assert not report.skipped and "ignored 2" in report.summary()
+    assert load_reference_checkpoint(SAUMamba(3, 2, **SMALL), tmp_path / "best.pth").ignored == report.ignored
+
+
+def test_latest_pth_of_the_released_scripts_loads(tmp_path):
+    source, target = SAUMamba(3, 9, **SMALL), SAUMamba(3, 9, **SMALL)
+    optimizer = torch.optim.AdamW(source.parameters(), lr=1e-3)
+    source(torch.randn(2, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=50, eta_min=1e-5)
+    # train_synapse.py's dict; its losses are numpy means
+    torch.save({"epoch": 3, "min_loss": np.float64(0.41), "min_epoch": 2, "loss": np.float64(0.43),
+                "model_state_dict": _released_state_dict(source), "optimizer_state_dict": optimizer.state_dict(),
+                "scheduler_state_dict": scheduler.state_dict()}, tmp_path / "latest.pth")
+    report = load_reference_checkpoint(target, tmp_path / "latest.pth")
+    _assert_same_weights(target, source)
+    assert len(report.ignored) == 2
+
+
+def test_one_channel_model_gets_the_summed_rgb_filters(tmp_path):
+    source, target = SAUMamba(3, 9, **SMALL), SAUMamba(1, 9, **SMALL)
+    load_reference_weights(target, _released_state_dict(source))
+    rgb = source.state_dict()["patch_embed.proj.weight"]
+    assert torch.equal(target.state_dict()["patch_embed.proj.weight"], rgb.sum(dim=1, keepdim=True))
+    # the released code repeats a grey image to 3 channels: the same output, exactly up to rounding
+    source.eval(), target.eval()
+    grey = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(grey), source(grey.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-4)
+
+
+def test_released_binary_checkpoint_becomes_an_nnunet_pretrained_file(tmp_path):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    source = SAUMamba(3, 1, **SMALL).eval()
+    with torch.no_grad():
+        source.head.bias.fill_(0.3)
+    weights, report = reference_to_nnunet(_released_state_dict(source), **SMALL)
+    torch.save(weights, tmp_path / "pretrained.pth")
+    # what nnUNetv2_train -pretrained_weights does with it, into the network nnU-Net builds (2 softmax classes)
+    network = SAUMamba(3, 2, **SMALL, deep_supervision=True)
+    load_pretrained_weights(network, str(tmp_path / "pretrained.pth"))
+    network.eval().deep_supervision = False
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # sigmoid of the released 1-class head == softmax foreground of nnU-Net's 2-class head
+        torch.testing.assert_close(torch.softmax(network(image), 1)[:, 1], torch.sigmoid(source(image))[:, 0],
+                                   rtol=1e-5, atol=1e-6)
+    assert len(report.ignored) == 2
+    with pytest.raises(CheckpointError, match="predicts 1 classes but 3"):
+        reference_to_nnunet(_released_state_dict(source), num_classes=3, **SMALL)
+
+
+def test_vm_unet_checkpoint_converts_with_its_architecture(tmp_path):
+    source = SAUMamba(3, 9, **SMALL, rfac=False, residual_scale=False)
+    weights, _ = reference_to_nnunet(_released_state_dict(source), in_channels=1, **SMALL)
+    network = SAUMamba(1, 9, **SMALL, rfac=False, residual_scale=False)
+    network.load_state_dict(weights["network_weights"])
+    assert torch.equal(network.state_dict()["patch_embed.proj.weight"],
+                       source.state_dict()["patch_embed.proj.weight"].sum(1, keepdim=True))
+
+
+def test_conversion_command_refuses_bad_input(tmp_path, capsys):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "foreign.pth")
+    assert main([str(tmp_path / "foreign.pth"), str(tmp_path / "out.pth")]) == 1
+    assert "error: no final_conv.weight" in capsys.readouterr().err
+    (tmp_path / "out.pth").write_text("keep")
+    assert main([str(tmp_path / "foreign.pth"), str(tmp_path / "out.pth")]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "out.pth").read_text() == "keep"
+
+
+# --- nnU-Net's own checkpoints and broken files --------------------------------------------------------------
+
+def test_nnunet_checkpoint_with_numpy_logging_loads(tmp_path):
+    model = SAUMamba(3, 2, **SMALL)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    # nnUNetTrainer.save_checkpoint's dict; the logger holds numpy means (float32 losses, float64 Dice)
+    logging = {"mean_fg_dice": [np.float64(0.5)], "ema_fg_dice": [np.float64(0.5)],
+               "dice_per_class_or_region": [[np.float64(0.5)]], "train_losses": [np.float32(0.7)],
+               "val_losses": [np.float32(0.6)], "lrs": [0.01], "epoch_start_timestamps": [1.0],
+               "epoch_end_timestamps": [2.0]}
+    torch.save({"network_weights": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                "grad_scaler_state": None, "logging": logging, "_best_ema": np.float64(0.5), "current_epoch": 1,
+                "init_args": {"plans": {}, "configuration": "2d", "fold": 0, "dataset_json": {},
+                              "device": torch.device("cpu")},
+                "trainer_name": "nnUNetTrainerSAUMamba", "inference_allowed_mirroring_axes": (0, 1)},
+               tmp_path / "checkpoint_final.pth")
+    state = load_state_dict_file(tmp_path / "checkpoint_final.pth")
+    assert state.keys() == model.state_dict().keys()
+    # exactly those numpy types: other scalars, arrays and object arrays stay refused
+    for value in (np.float16(1.0), np.array([1.0]), np.array([None], dtype=object)):
+        torch.save({"network_weights": {"w": torch.zeros(1)}, "logging": {"x": [value]}}, tmp_path / "c.pth")
+        with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+            load_state_dict_file(tmp_path / "c.pth")
+
+
+def test_refused_pickle_names_the_blocked_global_without_colour_codes(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": _Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_state_dict_file(tmp_path / "evil.pth")
+    assert "Unsupported global" in str(error.value) and "print" in str(error.value)
+    assert "\x1b" not in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"just some text\n", b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01"])
+def test_broken_files_raise_checkpoint_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="broken.pth"):
+        load_state_dict_file(path)
+
+
+def test_unknown_keys_in_a_file_name_the_file(tmp_path):
+    torch.save({"encoder.stem.weight": torch.zeros(1)}, tmp_path / "other_net.pth")
+    with pytest.raises(CheckpointError, match="other_net.pth.*not in the SA-UMamba/VM-UNet reference naming"):
+        load_reference_checkpoint(SAUMamba(3, 2, **SMALL), tmp_path / "other_net.pth")

@@ -1,8 +1,12 @@
 """Shared converter helpers: atomic writing, output folder rules, pairing, masks, reading, splits, workers."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 import stat
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +18,23 @@ from dataset_conversion.common import (
     ConversionError, atomic_dataset_dir, binarize_mask, convert_image_mask_pair, pair_by_key, parallel_map,
     read_mask, read_rgb, resolve_dataset_dir, run_cli, seeded_partition, share, write_splits_final,
 )
+
+
+def _permissions_enforced() -> bool:
+    """False for root with its usual capabilities, which writes into read-only folders."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o555)
+        try:
+            (Path(folder) / "probe").touch()
+        except PermissionError:
+            return True
+        finally:
+            os.chmod(folder, 0o755)
+    return False
+
+
+PERMISSIONS = pytest.mark.skipif(not _permissions_enforced(), reason="this user writes into read-only folders")
 
 
 def _siblings(folder: Path) -> list[str]:
@@ -75,6 +96,98 @@ def test_atomic_dir_overwrite_replaces_only_when_complete(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert _siblings(dest) == ["new.txt"]
     assert _siblings(tmp_path) == ["Dataset900_X"]
+
+
+def test_atomic_dir_refuses_a_source_inside_the_destination_before_writing(tmp_path):
+    dest = tmp_path / "Dataset900_X"
+    (dest / "download").mkdir(parents=True)
+    (dest / "download" / "1.tif").write_text("source")
+    for source in (dest / "download", dest):
+        with pytest.raises(ConversionError, match="lies inside the dataset folder"):
+            with atomic_dataset_dir(dest, overwrite=True, source=source):
+                pytest.fail("the block must not run")
+    assert (dest / "download" / "1.tif").read_text() == "source"
+    assert _siblings(tmp_path) == ["Dataset900_X"]
+
+
+def test_atomic_dir_refuses_a_symlinked_destination(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "Dataset900_X").symlink_to(target)
+    with pytest.raises(ConversionError, match="symbolic link"):
+        with atomic_dataset_dir(tmp_path / "raw" / "Dataset900_X", overwrite=True):
+            pytest.fail("the block must not run")
+    assert (tmp_path / "raw" / "Dataset900_X").is_symlink() and _siblings(target) == ["keep.txt"]
+    assert _siblings(tmp_path / "raw") == ["Dataset900_X"]
+
+
+def test_atomic_dir_explains_an_output_folder_it_cannot_create(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConversionError, match="cannot create the output folder .*a_file.*-o/--output"):
+        with atomic_dataset_dir(tmp_path / "a_file" / "raw" / "Dataset900_X", overwrite=False):
+            pytest.fail("the block must not run")
+
+
+@PERMISSIONS
+def test_atomic_dir_explains_a_read_only_output_folder(tmp_path):
+    (tmp_path / "raw").mkdir(mode=0o555)
+    with pytest.raises(ConversionError, match="cannot write into .*raw.*-o/--output"):
+        with atomic_dataset_dir(tmp_path / "raw" / "Dataset900_X", overwrite=False):
+            pytest.fail("the block must not run")
+
+
+def test_atomic_dir_failure_removes_the_output_folders_it_created(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_dataset_dir(tmp_path / "new" / "raw" / "Dataset900_X", overwrite=False):
+            raise RuntimeError("failed")
+    assert _siblings(tmp_path) == []
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_dataset_dir(tmp_path / "mine" / "Dataset900_X", overwrite=False):
+            raise RuntimeError("failed")
+    assert _siblings(tmp_path) == ["mine"]  # a folder that existed before stays
+
+
+@PERMISSIONS
+def test_overwrite_replaces_an_old_dataset_with_read_only_entries(tmp_path, capsys):
+    dest = tmp_path / "Dataset900_X"
+    (dest / "imagesTr").mkdir(parents=True)
+    (dest / "imagesTr" / "a.png").write_text("old")
+    (dest / "imagesTr" / "a.png").chmod(0o444)
+    (dest / "imagesTr").chmod(0o555)
+    with atomic_dataset_dir(dest, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert _siblings(dest) == ["new.txt"] and _siblings(tmp_path) == ["Dataset900_X"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_leftovers_of_a_killed_run_are_removed_only_if_ours(tmp_path):
+    dest = tmp_path / "Dataset900_X"
+    owners = {".Dataset900_X.partial-dead": {"pid": _dead_pid(), "host": socket.gethostname()},
+              ".Dataset900_X.old-dead": {"pid": _dead_pid(), "host": socket.gethostname()},
+              ".Dataset900_X.partial-running": {"pid": os.getpid(), "host": socket.gethostname()},
+              ".Dataset900_X.partial-otherhost": {"pid": _dead_pid(), "host": "not-" + socket.gethostname()},
+              ".Dataset900_X.partial-nomarker": None, ".Dataset901_Y.partial-dead": {"pid": _dead_pid(),
+                                                                                    "host": socket.gethostname()}}
+    for name, owner in owners.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "imagesTr").mkdir()
+        if owner is not None:
+            (tmp_path / name / ".saumamba_conversion.json").write_text(json.dumps(owner))
+    with atomic_dataset_dir(dest, overwrite=False):
+        pass
+    assert _siblings(tmp_path) == sorted(["Dataset900_X", ".Dataset900_X.partial-running",
+                                          ".Dataset900_X.partial-otherhost", ".Dataset900_X.partial-nomarker",
+                                          ".Dataset901_Y.partial-dead"])
+    assert _siblings(dest) == []  # the owner file does not end up in the dataset
 
 
 # ------------------------------------------------------------------------------------ output folder
@@ -195,6 +308,7 @@ def test_parallel_map_keeps_order_and_reraises_worker_errors(tmp_path):
 def test_cli_prints_bad_input_as_one_line_and_fails(capsys):
     def convert() -> Path:
         raise ConversionError("/data/x.png: broken; re-download it")
-    assert run_cli(convert) == 1
+    assert run_cli(convert, "saumamba_convert_x") == 1
     err = capsys.readouterr().err
-    assert err == "error: /data/x.png: broken; re-download it\n"
+    # the same form as argparse's own errors and the evaluator's
+    assert err == "saumamba_convert_x: error: /data/x.png: broken; re-download it\n"

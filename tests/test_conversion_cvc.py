@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +15,8 @@ import tifffile
 from PIL import Image
 
 from dataset_conversion.common import ConversionError
-from dataset_conversion.cvc_clinicdb import convert_cvc_clinicdb, cvc_split, main
+from dataset_conversion.cvc_clinicdb import (SEQUENCE_FRAMES, convert_cvc_clinicdb, cvc_split, cvc_video_split, main,
+                                             sequence_of)
 
 
 def make_cvc(root: Path, frames: int = 20, png: bool = False, names=("Original", "Ground Truth"),
@@ -124,7 +130,8 @@ def test_errors_name_the_file_and_write_nothing(tmp_path, capsys, what):
     code = main(["-i", str(tmp_path / "download"), "-o", str(tmp_path / "raw"), "-np", "1", "--no-verify"])
     err = capsys.readouterr().err
     assert code == 1 and name in err and "Traceback" not in err
-    assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
+    assert err.startswith("saumamba_convert_cvc: error: ")
+    assert not (tmp_path / "raw").exists()  # not even the -o folder the run would have created
 
 
 def test_missing_folders_are_explained(tmp_path):
@@ -133,3 +140,113 @@ def test_missing_folders_are_explained(tmp_path):
         convert_cvc_clinicdb(tmp_path / "download", tmp_path / "raw", verify=False)
     with pytest.raises(ConversionError, match="does not exist"):
         convert_cvc_clinicdb(tmp_path / "nowhere", tmp_path / "raw", verify=False)
+
+
+def test_jpeg_frames_of_a_resized_mirror_convert(tmp_path):
+    root = tmp_path / "cvc_clinicdb_256"
+    (root / "Original").mkdir(parents=True)
+    (root / "Ground Truth").mkdir()
+    rng = np.random.default_rng(0)
+    frames = [f for f in range(1, 15) if f not in (3, 11)]  # frames may be missing from a mirror
+    for frame in frames:
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "Original" / f"{frame}.jpg")
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:10, 5:12] = 255
+        Image.fromarray(mask).save(root / "Ground Truth" / f"{frame}.png")
+    dest = convert_cvc_clinicdb(root, tmp_path / "raw", num_workers=1, verify=False)
+    record = json.loads((dest / "conversion_split.json").read_text())
+    assert sorted(record["train"] + record["val"] + record["test"]) == [f"cvc_{f:04d}" for f in frames]
+    label = np.asarray(Image.open(next((dest / "labelsTr").iterdir())))
+    assert set(np.unique(label)) == {0, 1} and label[4:10, 5:12].all()
+    assert Image.open(next((dest / "imagesTr").iterdir())).mode == "RGB"
+
+
+def test_overwrite_refuses_an_input_inside_the_dataset_it_replaces(tmp_path, capsys):
+    dest = tmp_path / "raw" / "Dataset804_CVCClinicDB"
+    make_cvc(dest / "download")
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
+    code = main(["-i", str(dest / "download"), "-o", str(tmp_path / "raw"), "--overwrite", "-np", "1", "--no-verify"])
+    err = capsys.readouterr().err
+    assert code == 1 and "lies inside the dataset folder" in err and "Traceback" not in err
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Dataset804_CVCClinicDB"]
+
+
+def test_python_api_takes_str_paths(tmp_path):
+    make_cvc(tmp_path / "download", frames=10)
+    dest = convert_cvc_clinicdb(str(tmp_path / "download"), str(tmp_path / "raw"), num_workers=1, verify=False)
+    assert dest == tmp_path / "raw" / "Dataset804_CVCClinicDB" and (dest / "dataset.json").is_file()
+
+
+def test_sigterm_leaves_no_partial_folder(tmp_path):
+    make_cvc(tmp_path / "download", frames=10)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    # nnU-Net's verification runs for seconds inside the build folder: the kill lands while it exists
+    command = [sys.executable, "-m", "dataset_conversion.cvc_clinicdb", "-i", str(tmp_path / "download"),
+               "-o", str(raw), "-np", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".Dataset804_CVCClinicDB.partial-") for p in raw.iterdir()):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.02)
+    time.sleep(0.2)
+    os.kill(process.pid, signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert list(raw.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ split by video
+
+def test_sequence_table_covers_all_612_frames_once():
+    assert [sequence_of(f) for f in (1, 25, 26, 200, 205, 206, 478, 479, 591, 592, 612)] == \
+        [1, 1, 2, 10, 10, 11, 23, 24, 28, 29, 29]
+    assert sum(last - first + 1 for first, last in SEQUENCE_FRAMES) == 612 and len(SEQUENCE_FRAMES) == 29
+    with pytest.raises(ValueError):
+        sequence_of(613)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_video_split_keeps_every_sequence_in_one_part(seed):
+    # the 256 x 256 mirror lacks frames 133, 419 and 480
+    frames = {f"cvc_{f:04d}": f for f in range(1, 613) if f not in (133, 419, 480)}
+    train, val, test, sequences = cvc_video_split(frames, seed)
+    assert sorted(train + val + test) == sorted(frames)
+    parts = {name: {sequence_of(frames[c]) for c in cases} for name, cases in
+             (("train", train), ("val", val), ("test", test))}
+    assert parts == {name: set(seqs) for name, seqs in sequences.items()}
+    assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"] or parts["val"] & parts["test"])
+    for held_out in (val, test):
+        assert 40 <= len(held_out) <= 85  # about 10 % of 609 frames, in whole sequences of 6-26 frames
+    assert cvc_video_split(dict(reversed(list(frames.items()))), seed) == (train, val, test, sequences)
+    assert cvc_video_split(frames, seed + 10)[2] != test
+
+
+def test_video_split_end_to_end_records_sequences(tmp_path, capsys):
+    make_cvc(tmp_path / "download", frames=80)  # sequences 1-5 (frames 79-80 of sequence 5)
+    assert main(["-i", str(tmp_path / "download"), "-o", str(tmp_path / "raw"), "--split", "video", "--seed", "3",
+                 "-np", "1", "--no-verify"]) == 0
+    dest = tmp_path / "raw" / "Dataset804_CVCClinicDB"
+    record = json.loads((dest / "conversion_split.json").read_text())
+    (fold,) = json.loads((dest / "splits_final.json").read_text())
+    assert (record["split"], record["seed"]) == ("video", 3)
+    assert (fold["train"], fold["val"]) == (record["train"], record["val"])
+    for part in ("train", "val", "test"):
+        assert {sequence_of(int(c[4:])) for c in record[part]} == set(record["sequences"][part])
+    assert sorted(sum(record["sequences"].values(), [])) == [1, 2, 3, 4, 5]
+    assert _ids(dest / "imagesTs", "_0000.png") == record["test"]
+    assert json.loads((dest / "dataset.json").read_text())["conversion"]["split"].startswith("seeded, whole video")
+
+
+def test_video_split_refuses_frames_outside_the_table(tmp_path):
+    make_cvc(tmp_path / "download", frames=20)
+    for folder in ("Original", "Ground Truth"):
+        (tmp_path / "download" / folder / "7.tif").rename(tmp_path / "download" / folder / "700.tif")
+    with pytest.raises(ConversionError, match="frame 700 is not in CVC-ClinicDB's frame -> video table"):
+        convert_cvc_clinicdb(tmp_path / "download", tmp_path / "raw", split="video", verify=False)
+    make_cvc(tmp_path / "one_video", frames=20)  # all of sequence 1
+    with pytest.raises(ConversionError, match="at least 3 sequences.*--split random"):
+        convert_cvc_clinicdb(tmp_path / "one_video", tmp_path / "raw", split="video", verify=False)
+    assert not (tmp_path / "raw").exists()

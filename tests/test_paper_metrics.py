@@ -1,5 +1,7 @@
 """Tests of the paper's metrics (issue 5): hand-computable values, an independent HD95, folder I/O and errors."""
 import json
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -337,3 +339,84 @@ def test_multichannel_segmentation_is_an_error(tmp_path):
     _write_png(pred / "a.png", np.zeros((4, 4, 3)))
     with pytest.raises(EvaluationError, match="3 channels"):
         evaluate_folders(str(ref), str(pred), "cvc", num_processes=1)
+
+
+def test_missing_reference_folder_is_named_as_such(tmp_path):
+    ref, pred = _nifti_pair(tmp_path)
+    (pred / "dataset.json").unlink()
+    message = _cli_error([str(tmp_path / "labelsTr"), str(pred), "--protocol", "synapse", "-np", "1"])
+    assert str(tmp_path / "labelsTr") in message and "not a folder" in message and "dataset.json" not in message
+
+
+def test_label_values_beyond_int32_are_reported_as_themselves(tmp_path):
+    ref, pred = _nifti_pair(tmp_path)
+    big = np.zeros((6, 8, 8), np.int64)
+    big[0, 0, 0] = 2 ** 33
+    sitk.WriteImage(sitk.GetImageFromArray(big), str(pred / "a.nii.gz"))
+    with pytest.raises(EvaluationError, match=r"a\.nii\.gz contains label values \[8589934592\]"):
+        evaluate_folders(str(ref), str(pred), "synapse", num_processes=1)
+
+
+def test_unreadable_files_are_reported_without_reader_internals(tmp_path):
+    ref, pred = _nifti_pair(tmp_path)
+    (pred / "a.nii.gz").write_bytes(b"")
+    message = _cli_error([str(ref), str(pred), "--protocol", "synapse", "-np", "1"])
+    assert f"{pred / 'a.nii.gz'} is empty (0 bytes)" in message
+    (pred / "a.nii.gz").write_bytes(b"not a nifti file at all")
+    message = _cli_error([str(ref), str(pred), "--protocol", "synapse", "-np", "1"])
+    assert str(pred / "a.nii.gz") in message and ".cxx" not in message and "sitk::" not in message
+
+
+def test_output_that_is_an_input_is_refused(tmp_path):
+    ref, pred = _nifti_pair(tmp_path)
+    dataset_json = (pred / "dataset.json").read_text()
+    message = _cli_error([str(ref), str(pred), "--protocol", "synapse", "-np", "1", "-o", str(pred / "dataset.json")])
+    assert "is one of the evaluation's inputs" in message and str(pred / "dataset.json") in message
+    assert (pred / "dataset.json").read_text() == dataset_json
+    (ref / "notes.json").write_text("{}")
+    with pytest.raises(EvaluationError, match="inputs"):
+        evaluate_folders(str(ref), str(pred), "synapse", output_file=str(ref / "notes.json"), num_processes=1)
+    assert (ref / "notes.json").read_text() == "{}"
+
+
+def test_unwritable_output_is_refused_before_evaluating(tmp_path, monkeypatch):
+    ref, pred = _nifti_pair(tmp_path)
+    (tmp_path / "a_file").write_text("")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated although the output cannot be written")
+    monkeypatch.setattr("nnunetv2_sa_umamba.evaluation.paper_metrics.evaluate_case", must_not_run)
+    with pytest.raises(EvaluationError, match="not a folder.*-o"):
+        evaluate_folders(str(ref), str(pred), "synapse", output_file=str(tmp_path / "a_file" / "out.json"),
+                         num_processes=1)
+
+
+def _permissions_enforced() -> bool:
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o555)
+        try:
+            open(os.path.join(folder, "probe"), "w").close()
+        except PermissionError:
+            return True
+        finally:
+            os.chmod(folder, 0o755)
+    return False
+
+
+@pytest.mark.skipif(not _permissions_enforced(), reason="this user writes into read-only folders")
+def test_read_only_prediction_folder_is_refused_before_evaluating(tmp_path):
+    ref, pred = _nifti_pair(tmp_path)
+    pred.chmod(0o555)
+    try:
+        with pytest.raises(EvaluationError, match="cannot be written.*-o"):
+            evaluate_folders(str(ref), str(pred), "synapse", num_processes=1)
+    finally:
+        pred.chmod(0o755)
+
+
+def test_help_names_option_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    usage = capsys.readouterr().out
+    for text in ("-o OUTPUT_JSON", "-np N", "-djfile DATASET_JSON", "REFERENCE_FOLDER PREDICTION_FOLDER"):
+        assert text in usage

@@ -59,10 +59,16 @@ class DemoLayout:
         self.demo_summary = root / "demo_summary.json"
 
 
+# everything the demo writes at the top of its folder (see DemoLayout); a rerun deletes these and nothing else
+DEMO_ENTRIES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "test_predictions", "overlays", "logs",
+                "demo_summary.json")
+
+
 def prepare_output_folder(root: Path, keep: bool, params: dict) -> bool:
     """Create or check the output folder; return True if an existing demo dataset can be reused.
 
-    A folder is only ever deleted or reused if it carries the demo's marker file: anything else is refused.
+    A folder is only ever cleared or reused if it carries the demo's marker file: anything else is refused.
+    Clearing deletes what the demo writes (DEMO_ENTRIES) and leaves anything else in the folder alone.
     """
     marker = root / MARKER
     if root.exists() and not root.is_dir():
@@ -81,8 +87,15 @@ def prepare_output_folder(root: Path, keep: bool, params: dict) -> bool:
                             f"Run without --keep to regenerate it, or pass the same options.")
         return True
     if marker.is_file():
-        print(f"Removing the previous demo output in {root} (pass --keep to reuse it).")
-        shutil.rmtree(root)
+        previous_output = [root / name for name in DEMO_ENTRIES if (root / name).exists() or (root / name).is_symlink()]
+        if previous_output:
+            print(f"Removing the previous demo output in {root}: {', '.join(p.name for p in previous_output)} "
+                  f"(pass --keep to reuse it).")
+        for path in previous_output:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     root.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(params))
     return False
@@ -211,20 +224,44 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def _at_least(minimum: int, why: str):
+    """argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum} ({why})")
+        return value
+    return parse
+
+
+def _trainer_name(text: str) -> str:
+    if not text.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a trainer class name")
+    return text
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="saumamba_demo",
         description="Generate a small lesion dataset, then plan, train SA-UMamba, predict and evaluate it with "
                     "nnU-Net's own commands. Everything is written below the output folder.")
-    parser.add_argument("-o", "--output", default="demo_output", help="output folder (default: ./demo_output)")
-    parser.add_argument("--trainer", default=DEFAULT_TRAINER,
+    parser.add_argument("-o", "--output", default="demo_output", metavar="DIR",
+                        help="output folder (default: ./demo_output)")
+    parser.add_argument("--trainer", default=DEFAULT_TRAINER, type=_trainer_name, metavar="NAME",
                         help=f"nnU-Net trainer class (default: {DEFAULT_TRAINER}, a short schedule)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when a GPU is available, else cpu")
-    parser.add_argument("--num-train", type=int, default=100, help="training cases (default: 100)")
-    parser.add_argument("--num-test", type=int, default=20, help="held-out test cases (default: 20)")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    # the same limits as generate_demo_dataset, checked before the output folder is touched
+    parser.add_argument("--num-train", type=_at_least(5, "nnU-Net's 5-fold split needs 5 cases"), default=100,
+                        metavar="N", help="training cases, at least 5 (default: 100)")
+    parser.add_argument("--num-test", type=_at_least(1, "the test set needs a case"), default=20, metavar="N",
+                        help="held-out test cases (default: 20)")
+    parser.add_argument("--image-size", type=_at_least(16, "the demo generator's smallest image"), default=64,
+                        metavar="N", help="image side in pixels, at least 16 (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="dataset seed (default: 0)")
     parser.add_argument("--keep", action="store_true",
                         help="reuse an existing demo folder: keep its dataset and preprocessing, skip a finished "
                              "training and continue an interrupted one")
@@ -279,8 +316,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     layout = DemoLayout(root, args.trainer)
     params = {"num_train": args.num_train, "num_test": args.num_test, "image_size": args.image_size,
               "seed": args.seed}
+    device = resolve_device(args.device)  # every option is checked before the folder is touched
     reuse = prepare_output_folder(root, args.keep, params)
-    device = resolve_device(args.device)
     env = nnunet_environment(layout, device)
     steps = _Steps(total=7)
 

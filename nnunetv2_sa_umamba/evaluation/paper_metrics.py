@@ -9,6 +9,7 @@ import argparse
 import multiprocessing
 import os
 import sys
+import tempfile
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
@@ -96,12 +97,43 @@ def select_labels(dataset_labels: Dict[str, int], protocol: str, requested: Opti
     return selected
 
 
+def _check_folders(reference_folder: str, prediction_folder: str) -> None:
+    for folder, what in ((reference_folder, "reference"), (prediction_folder, "prediction")):
+        if not isdir(folder):
+            raise EvaluationError(f"{folder} is not a folder. Fix: pass an existing {what} folder.")
+
+
+def _check_outputs(outputs: Sequence[str], dataset_json: str, reference_folder: str, prediction_folder: str,
+                   file_ending: str) -> None:
+    """Before evaluating: refuse an output that would overwrite an input, and one that cannot be written."""
+    def inputs_in(folder: str, suffix: str) -> set:
+        return {os.path.realpath(f) for f in subfiles(folder, suffix=suffix)}
+    inputs = ({os.path.realpath(dataset_json)} | inputs_in(reference_folder, "")
+              | inputs_in(prediction_folder, file_ending))
+    for output in outputs:
+        if os.path.realpath(output) in inputs:
+            raise EvaluationError(f"{output} is one of the evaluation's inputs and would be overwritten. Fix: pass "
+                                  "another -o (default: PREDICTION_FOLDER/paper_metrics_<protocol>.json).")
+        folder = os.path.dirname(os.path.abspath(output))
+        if not isdir(folder):
+            raise EvaluationError(f"{folder} does not exist or is not a folder, so {output} cannot be written. "
+                                  "Fix: create it, or pass another -o.")
+        if isdir(output):
+            raise EvaluationError(f"{output} is a folder. Fix: pass a file name with -o.")
+        try:
+            if os.path.exists(output):
+                open(output, "a").close()  # appending nothing changes nothing, but needs write access
+            else:
+                tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise EvaluationError(f"{output} cannot be written ({error.strerror or error}). Fix: pass a writable "
+                                  "location with -o.") from None
+
+
 def pair_cases(reference_folder: str, prediction_folder: str, file_ending: str,
                allow_missing: bool = False) -> List[Tuple[str, str, str]]:
     """[(case id, reference file, prediction file)] matched by file name, sorted by case id."""
-    for folder in (reference_folder, prediction_folder):
-        if not isdir(folder):
-            raise EvaluationError(f"{folder} is not a folder. Fix: pass an existing reference and prediction folder.")
+    _check_folders(reference_folder, prediction_folder)
     references = {f[:-len(file_ending)] for f in subfiles(reference_folder, suffix=file_ending, join=False)}
     predictions = {f[:-len(file_ending)] for f in subfiles(prediction_folder, suffix=file_ending, join=False)}
     for folder, cases in ((reference_folder, references), (prediction_folder, predictions)):
@@ -133,10 +165,12 @@ def read_label_map(reader: BaseReaderWriter, path: str, declared_values: Sequenc
     Returns an array of shape (X, Y, Z), or (Y, Z) for 2D files (nnU-Net's leading singleton axis and its
     dummy spacing are dropped), and one spacing value per returned axis.
     """
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise EvaluationError(f"{path} is empty (0 bytes). Fix: predict or copy this case again.")
     try:
         seg, properties = reader.read_seg(path)
     except Exception as error:
-        raise EvaluationError(f"{path} cannot be read by {type(reader).__name__} ({error}). "
+        raise EvaluationError(f"{path} cannot be read by {type(reader).__name__} ({_reader_message(error)}). "
                               "Fix: check the file is a valid segmentation in dataset.json's file_ending.") from None
     if seg.shape[0] != 1:
         raise EvaluationError(f"{path} has {seg.shape[0]} channels. Fix: store segmentations as single-channel "
@@ -144,17 +178,25 @@ def read_label_map(reader: BaseReaderWriter, path: str, declared_values: Sequenc
     seg, spacing = seg[0], tuple(float(s) for s in properties["spacing"])
     if seg.shape[0] == 1:
         seg, spacing = seg[0], spacing[1:]
-    labels = seg.astype(np.int32)
-    if not np.array_equal(labels, seg):
+    if not np.issubdtype(seg.dtype, np.integer) and not np.all(np.isfinite(seg) & (seg == np.round(seg))):
         raise EvaluationError(f"{path} holds non-integer values. Fix: pass label maps (nnUNetv2_predict's "
                               "segmentations), not probabilities.")
-    undeclared = ~np.isin(labels, declared_values)
+    # compared before any cast, so that a value beyond int32 is reported as itself
+    undeclared = ~np.isin(seg, declared_values)
     if undeclared.any():
-        values = np.unique(labels[undeclared]).tolist()
+        values = [int(v) for v in np.unique(seg[undeclared])]
         raise EvaluationError(f"{path} contains label values {values[:10]} that {dataset_json} does not declare "
                               f"(declared: {sorted(declared_values)}). Fix: pass the dataset.json this data was "
                               "converted with (-djfile), or correct the segmentation.")
-    return labels, spacing
+    return seg.astype(np.int64), spacing
+
+
+def _reader_message(error: Exception) -> str:
+    """The reader's own complaint, without SimpleITK's source-file location."""
+    text = str(error)
+    if "sitk::ERROR:" in text:
+        text = text.split("sitk::ERROR:", 1)[1]
+    return " ".join(text.split()) or type(error).__name__
 
 
 def evaluate_case(case: Tuple[str, str, str], reader_class: Type[BaseReaderWriter], protocol: str,
@@ -258,6 +300,7 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, protocol: st
     """
     if protocol not in PROTOCOLS:
         raise EvaluationError(f"unknown protocol '{protocol}'. Fix: use one of {', '.join(PROTOCOLS)}.")
+    _check_folders(reference_folder, prediction_folder)
     dataset_json = dataset_json or find_dataset_json(prediction_folder, reference_folder)
     output_file = output_file or join(prediction_folder, f"paper_metrics_{protocol}.json")
     if not output_file.endswith(".json"):
@@ -265,6 +308,8 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, protocol: st
     dataset_labels, file_ending, dataset_content = load_dataset_json(dataset_json)
     selected = select_labels(dataset_labels, protocol, labels, dataset_json)
     cases = pair_cases(reference_folder, prediction_folder, file_ending, allow_missing)
+    outputs = [output_file, output_file[:-len(".json")] + ".md"]
+    _check_outputs(outputs, dataset_json, reference_folder, prediction_folder, file_ending)
     try:
         reader_class = determine_reader_writer_from_dataset_json(dataset_content, cases[0][1], verbose=False)
     except RuntimeError:
@@ -284,8 +329,8 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, protocol: st
               "prediction_folder": os.path.abspath(prediction_folder), "dataset_json": os.path.abspath(dataset_json),
               "labels": selected, "num_cases": len(per_case), "summary": summarise(protocol, per_case, selected),
               "metric_per_case": per_case}
-    save_json(result, output_file, sort_keys=False)
-    with open(output_file[:-len(".json")] + ".md", "w", encoding="utf-8") as handle:
+    save_json(result, outputs[0], sort_keys=False)
+    with open(outputs[1], "w", encoding="utf-8") as handle:
         handle.write(format_table(result) + "\n")
     return result
 
@@ -296,17 +341,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         prog="saumamba_evaluate",
         description="The SA-UMamba paper's metrics (Synapse: Dice + HD95; ISIC: pooled mIoU, DSC, Acc, Spe, Sen; "
                     "CVC-ClinicDB: per-image IoU, Dice, Acc, precision, recall) on an nnU-Net prediction folder.")
-    parser.add_argument("reference_folder", help="folder with the reference segmentations (e.g. labelsTs)")
-    parser.add_argument("prediction_folder", help="folder with nnU-Net's predicted segmentations")
+    parser.add_argument("reference_folder", metavar="REFERENCE_FOLDER",
+                        help="folder with the reference segmentations (e.g. labelsTs)")
+    parser.add_argument("prediction_folder", metavar="PREDICTION_FOLDER",
+                        help="folder with nnU-Net's predicted segmentations")
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS, help="the paper's protocol to apply")
-    parser.add_argument("-djfile", default=None,
+    parser.add_argument("-djfile", default=None, metavar="DATASET_JSON",
                         help="dataset.json (default: the prediction folder's, else the reference folder's parent's)")
-    parser.add_argument("-o", default=None,
+    parser.add_argument("-o", default=None, metavar="OUTPUT_JSON",
                         help="output JSON (default: PREDICTION_FOLDER/paper_metrics_<protocol>.json); "
                              "the Markdown table goes next to it as .md")
-    parser.add_argument("-np", type=int, default=default_num_processes,
+    parser.add_argument("-np", type=int, default=default_num_processes, metavar="N",
                         help=f"number of worker processes (default: {default_num_processes})")
-    parser.add_argument("--labels", nargs="+", default=None,
+    parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                         help="label names or values to evaluate (default: all foreground labels for synapse; "
                              "the only foreground label, else label 1, for isic and cvc, where several form "
                              "one foreground)")
