@@ -30,7 +30,7 @@ from nnunetv2_sa_umamba.modules.blocks import (PatchEmbed, PatchExpand, PatchMer
                                                VSSBlock)
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv  # noqa: E402
 from nnunetv2_sa_umamba.modules.ss2d import NUM_DIRECTIONS, SS2D, _scan_dtype  # noqa: E402
-from nnunetv2_sa_umamba.ops.selective_scan import selective_scan  # noqa: E402
+from nnunetv2_sa_umamba.ops.scan import selective_scan  # noqa: E402
 
 MODULE_TYPES = (RSSSBlock, VSSBlock, SS2D, RFAConv, PatchEmbed, PatchMerging, PatchExpand)
 

@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
-from nnunetv2_sa_umamba.ops.selective_scan import available_backends  # noqa: E402
+from nnunetv2_sa_umamba.ops.scan import available_backends  # noqa: E402
 from nnunetv2_sa_umamba.training.cuda_graphs import (enable_inference_graphs, enable_training_graphs,  # noqa: E402
                                                      graphs_recorded)
 

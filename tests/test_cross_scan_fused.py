@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("triton")
 
 from nnunetv2_sa_umamba.modules import ss2d  # noqa: E402
-from nnunetv2_sa_umamba.ops.triton_dispatch import ENV_VAR  # noqa: E402
+from nnunetv2_sa_umamba.ops.common import FUSED_ENV_VAR as ENV_VAR  # noqa: E402
+from nnunetv2_sa_umamba.ops.cross_scan import cross_merge, cross_scan  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # odd sizes, one-pixel rows, and lines longer than one kernel chunk (128)
@@ -21,8 +22,8 @@ SHAPES = [(2, 5, 7, 6), (1, 1, 9, 40), (2, 3, 150, 8)]
 def test_cross_scan_and_its_gradient(shape):
     x = torch.randn(shape, device=DEVICE, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    xs = ss2d._CrossScanFused.apply(x, torch.float32)
-    xs_ref = ss2d.cross_scan(x_ref.permute(0, 3, 1, 2))
+    xs = cross_scan(x, torch.float32, fused=True)
+    xs_ref = cross_scan(x_ref, torch.float32, fused=False)
     assert torch.equal(xs, xs_ref)
     grad = torch.randn_like(xs)
     xs.backward(grad)
@@ -35,8 +36,8 @@ def test_cross_merge_and_its_gradient(shape):
     b, h, w, d = shape
     ys = torch.randn(b, 4, d, h * w, device=DEVICE, requires_grad=True)
     ys_ref = ys.detach().clone().requires_grad_()
-    y = ss2d._CrossMergeFused.apply(ys, h, w)
-    y_ref = ss2d.cross_merge(ys_ref, h, w).view(b, d, h, w).permute(0, 2, 3, 1)
+    y = cross_merge(ys, h, w, fused=True)
+    y_ref = cross_merge(ys_ref, h, w, fused=False)
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     grad = torch.randn_like(y)
     y.backward(grad)

@@ -11,10 +11,10 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from nnunetv2_sa_umamba.ops import layernorm_fused  # noqa: E402
-from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm, layer_norm_gate  # noqa: E402
-from nnunetv2_sa_umamba.ops.layernorm_triton import backward_tile_shape, tile_shape  # noqa: E402
-from nnunetv2_sa_umamba.ops.triton_dispatch import ENV_VAR  # noqa: E402
+from nnunetv2_sa_umamba.ops.common import FUSED_ENV_VAR as ENV_VAR  # noqa: E402
+from nnunetv2_sa_umamba.ops.layernorm import interface as layernorm_fused  # noqa: E402
+from nnunetv2_sa_umamba.ops.layernorm import layer_norm, layer_norm_gate  # noqa: E402
+from nnunetv2_sa_umamba.ops.layernorm.kernels import backward_tile_shape, tile_shape  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # the last PatchExpand's C, SS2D's d_inner at stage 1, and one that is not a power of two

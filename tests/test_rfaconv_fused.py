@@ -12,8 +12,8 @@ pytest.importorskip("triton")
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv  # noqa: E402
-from nnunetv2_sa_umamba.ops import rfaconv_fused  # noqa: E402
-from nnunetv2_sa_umamba.ops.triton_dispatch import ENV_VAR  # noqa: E402
+from nnunetv2_sa_umamba.ops.common import FUSED_ENV_VAR as ENV_VAR  # noqa: E402
+from nnunetv2_sa_umamba.ops.rfaconv import interface as rfaconv_fused  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -175,7 +175,7 @@ def test_matrix_product_features_match_multiply_adds():
     """The kernels that compute f as matrix products under autocast ("tf32", DOT_CONFIGS' tiles) against the
     multiply-add form ("ieee", CONFIGS' tiles), on the same inputs. Triton's CPU interpreter multiplies in float32
     either way, so the two must agree to rounding there; on the GPU TF32 rounds f to ~1e-3."""
-    from nnunetv2_sa_umamba.ops import rfaconv_triton as kernels
+    from nnunetv2_sa_umamba.ops.rfaconv import kernels
     torch.manual_seed(0)
     x = torch.randn(2, 7, 9, 20, device=DEVICE)
     wf = torch.randn(9, 9, 20, device=DEVICE) * 0.3

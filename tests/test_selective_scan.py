@@ -9,10 +9,12 @@ from functools import partial
 import pytest
 import torch
 
-from nnunetv2_sa_umamba.ops import scan_cuda, selective_scan as dispatch
-from nnunetv2_sa_umamba.ops.scan_torch import selective_scan_reference, selective_scan_torch
-from nnunetv2_sa_umamba.ops.selective_scan import (available_backends, resolve_backend, selective_scan,
-                                                   selective_scan_lowrank_delta)
+from nnunetv2_sa_umamba.ops.scan import (available_backends, resolve_backend, selective_scan,
+                                         selective_scan_lowrank_delta)
+from nnunetv2_sa_umamba.ops.scan import cuda_backend as scan_cuda
+from nnunetv2_sa_umamba.ops.scan import interface as dispatch
+from nnunetv2_sa_umamba.ops.scan.reference import selective_scan_reference
+from nnunetv2_sa_umamba.ops.scan.torch_backend import selective_scan_torch
 
 ENV = dispatch.ENV_VAR
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
 from nnunetv2_sa_umamba.modules.ss2d import SS2D, check_implementation
-from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm
-from nnunetv2_sa_umamba.ops.triton_dispatch import matmul_dtype
+from nnunetv2_sa_umamba.ops.common import matmul_dtype
+from nnunetv2_sa_umamba.ops.layernorm import layer_norm
 
 LAYER_NORM_EPS = 1e-5
 
@@ -22,7 +22,7 @@ LAYER_NORM_EPS = 1e-5
 # docs/BENCHMARKS.md).
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last dim (same parameters); ``"fast"`` runs it as one Triton kernel on CUDA
-    (ops/layernorm_fused.py), many rows per program, except while torch.compile traces it (Inductor fuses the
+    (ops/layernorm/), many rows per program, except while torch.compile traces it (Inductor fuses the
     LayerNorm itself, where the kernel would break the graph)."""
 
     def __init__(self, dim: int, implementation: str = "fast"):

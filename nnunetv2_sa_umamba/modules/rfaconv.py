@@ -8,7 +8,7 @@ The last convolution sees each 3x3 block of the rearranged map exactly once, so 
 over the 9C channels (c, position) of the un-rearranged product; the ``"fast"`` implementation computes it
 that way and never builds the 3H x 3W map, and computes the grouped 1x1 conv of the weight branch (one input
 channel per group) as a broadcast multiply. On CUDA (with Triton) ``"fast"`` runs the whole chain up to the
-last BatchNorm as fused kernels that keep only the input for the backward (ops/rfaconv_fused.py).
+last BatchNorm as fused kernels that keep only the input for the backward (ops/rfaconv/).
 ``"reference"`` runs the released code's operations.
 Parameters: 9C^2 + 111C.
 """
@@ -20,9 +20,8 @@ from einops import rearrange
 from torch import nn
 
 from nnunetv2_sa_umamba.modules.ss2d import check_implementation
-from nnunetv2_sa_umamba.ops import rfaconv_fused
-
-KERNEL_POSITIONS = 9
+from nnunetv2_sa_umamba.ops import rfaconv as rfaconv_op
+from nnunetv2_sa_umamba.ops.common import RFACONV_POSITIONS as KERNEL_POSITIONS
 
 
 class RFAConv(nn.Module):
@@ -41,7 +40,7 @@ class RFAConv(nn.Module):
         self.out_norm = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        if self.implementation == "fast" and rfaconv_fused.use_fused(x, self):
+        if self.implementation == "fast" and rfaconv_op.use_fused(x, self):
             out = self._forward_fused(x if channels_last else x.permute(0, 2, 3, 1))
             return out if channels_last else out.permute(0, 3, 1, 2)
         if channels_last:
@@ -52,7 +51,7 @@ class RFAConv(nn.Module):
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         # the permuted view is channels_last memory, which BatchNorm2d handles without a copy
-        out = rfaconv_fused.rfaconv_chain(self, x).permute(0, 3, 1, 2)
+        out = rfaconv_op.rfaconv_chain(self, x).permute(0, 3, 1, 2)
         return F.relu(self.out_norm(out)).permute(0, 2, 3, 1)
 
     def _forward_unfused(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,93 +5,32 @@ Two implementations of the same math, chosen per module with ``implementation``:
 - ``"reference"``: the released code's operations (stacked/flipped cross-scan copies, einsum projections,
   float32 scan inputs). Every speedup is measured against it.
 - ``"fast"``: the same values computed with fewer copies (broadcast matmuls instead of einsums; on CUDA the
-  cross-scan and cross-merge as one Triton kernel each, ops/cross_scan_triton.py, elsewhere one preallocated
-  cross-scan buffer; the output gate out_norm(y) * silu(z) as one op that keeps only y and z,
-  ops/layernorm_fused.py) and, under autocast, 16-bit scan inputs. The scan keeps its state in
-  float32 either way; fp16 autocast runs the scan with bfloat16 inputs because the kernel's fp16 output
-  overflows (scan outputs reach ~1e6).
+  cross-scan and cross-merge as one Triton kernel each, elsewhere one preallocated cross-scan buffer,
+  ops/cross_scan/; the output gate out_norm(y) * silu(z) as one op that keeps only y and z, ops/layernorm/)
+  and, under autocast, 16-bit scan inputs. The scan keeps its state in float32 either way; fp16 autocast runs
+  the scan with bfloat16 inputs because the kernel's fp16 output overflows (scan outputs reach ~1e6).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm_gate
-from nnunetv2_sa_umamba.ops.selective_scan import selective_scan, selective_scan_lowrank_delta
-from nnunetv2_sa_umamba.ops.triton_dispatch import matmul_dtype, use_triton
+from nnunetv2_sa_umamba.ops import cross_scan as cross_scan_op
+from nnunetv2_sa_umamba.ops.common import matmul_dtype
+from nnunetv2_sa_umamba.ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
+from nnunetv2_sa_umamba.ops.layernorm import layer_norm_gate
+from nnunetv2_sa_umamba.ops.scan import selective_scan, selective_scan_lowrank_delta
 
 IMPLEMENTATIONS = ("reference", "fast")
-NUM_DIRECTIONS = 4
 
 
 def check_implementation(implementation: str) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     return implementation
-
-
-def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major, and both reversed."""
-    b, d, h, w = x.shape
-    xs = x.new_empty(b, NUM_DIRECTIONS, d, h * w)
-    xs[:, 0].view(b, d, h, w).copy_(x)
-    xs[:, 1].view(b, d, w, h).copy_(x.transpose(2, 3))
-    xs[:, 2:] = xs[:, :2].flip(-1)
-    return xs
-
-
-def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, 4, D, H*W) -> (B, D, H*W) in row-major order: the sum of the four directions."""
-    b, _, d, length = ys.shape
-    forward_and_reversed = ys[:, :2] + ys[:, 2:].flip(-1)
-    column_major = forward_and_reversed[:, 1].view(b, d, w, h).transpose(2, 3).reshape(b, d, length)
-    return forward_and_reversed[:, 0] + column_major
-
-
-@functools.cache
-def _triton_cross_scan():
-    from nnunetv2_sa_umamba.ops import cross_scan_triton
-    return cross_scan_triton
-
-
-class _CrossScanFused(torch.autograd.Function):
-    """(B, H, W, D) -> (B, 4, D, H*W) in ``dtype``; the backward is the cross-merge of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        ctx.x_dtype, ctx.hw = x.dtype, x.shape[1:3]
-        return _triton_cross_scan().cross_scan(x.contiguous(), dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _triton_cross_scan().cross_merge(grad.contiguous(), *ctx.hw, ctx.x_dtype), None
-
-
-class _CrossMergeFused(torch.autograd.Function):
-    """(B, 4, D, H*W) -> (B, H, W, D); the backward is the cross-scan of the gradient."""
-
-    @staticmethod
-    def forward(ctx, ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        ctx.ys_dtype = ys.dtype
-        return _triton_cross_scan().cross_merge(ys.contiguous(), h, w, ys.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _triton_cross_scan().cross_scan(grad.contiguous(), ctx.ys_dtype), None, None
-
-
-@torch.compiler.disable
-def _cross_scan_fused(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return _CrossScanFused.apply(x, dtype)
-
-
-@torch.compiler.disable
-def _cross_merge_fused(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    return _CrossMergeFused.apply(ys, h, w)
 
 
 def _scan_dtype(x: torch.Tensor) -> torch.dtype:
@@ -177,11 +116,11 @@ class SS2D(nn.Module):
         b, d, h, w = x.shape
         length, k = h * w, NUM_DIRECTIONS
         dtype = _scan_dtype(x)
-        fused = use_triton(x, NUM_DIRECTIONS * x.numel())
+        fused = cross_scan_op.use_fused(x)
         # projections run in the scan dtype itself: fp16 autocast would otherwise add cast copies
         with torch.autocast(x.device.type, enabled=False):
             # the conv's output is channels_last memory, so the permute is free
-            xs = _cross_scan_fused(x.permute(0, 2, 3, 1), dtype) if fused else cross_scan(x.to(dtype))
+            xs = cross_scan(x.permute(0, 2, 3, 1), dtype, fused)
             # per-direction projections as broadcast batched matmuls: no einsum permute copies
             x_dbl = torch.matmul(self.x_proj_weight.to(dtype), xs)
             dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
@@ -193,6 +132,4 @@ class SS2D(nn.Module):
             xs.view(b, k * d, length), dts, dt_weight, a, bs.contiguous(), cs.contiguous(), ds,
             delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
         ).view(b, k, d, length)
-        if fused:
-            return _cross_merge_fused(ys, h, w)
-        return cross_merge(ys, h, w).view(b, d, h, w).permute(0, 2, 3, 1)
+        return cross_merge(ys, h, w, fused)

@@ -2,7 +2,7 @@
 
 Backends (same semantics, mamba-ssm's ``selective_scan_fn`` without ``z``):
 - ``cuda``: mamba-ssm's compiled kernel (``selective_scan_cuda``) as a registered torch op.
-- ``triton``: our Triton kernels (ops/scan_triton.py), forward and backward; needs Triton and CUDA tensors
+- ``triton``: our Triton kernels (ops/scan/kernels.py), forward and backward; needs Triton and CUDA tensors
   (or ``TRITON_INTERPRET=1``, which runs them on the CPU, slowly: the tests use it).
 - ``torch``: chunked pure PyTorch with a hand-written backward; any device, float32 state.
 - ``reference``: the step-by-step loop under autograd; for tests, used only when named explicitly.
@@ -12,16 +12,16 @@ Choice: the ``backend`` argument, else the environment variable ``SAUMAMBA_SCAN_
 imports, else the Triton kernels when Triton imports; ``torch`` otherwise. Under torch.compile the choice is
 made once, when the graph is traced.
 """
-import functools
 import logging
 import os
 
 import torch
 from torch import Tensor
 
-from . import scan_cuda
-from .scan_torch import selective_scan_reference, selective_scan_torch
-from .triton_dispatch import triton_importable, triton_interpreted
+from nnunetv2_sa_umamba.ops.common import lazy_module, triton_importable, triton_interpreted
+from nnunetv2_sa_umamba.ops.scan import cuda_backend
+from nnunetv2_sa_umamba.ops.scan.reference import selective_scan_reference
+from nnunetv2_sa_umamba.ops.scan.torch_backend import selective_scan_torch
 
 logger = logging.getLogger("nnunetv2_sa_umamba")
 
@@ -33,23 +33,18 @@ INSTALL_HINT = ('install mamba-ssm with its CUDA kernel (torch with CUDA and a C
                 'needed): MAMBA_FORCE_BUILD=TRUE pip install -e ".[cuda]"')
 _DESCRIPTIONS = {
     "cuda": "mamba-ssm's selective_scan_cuda kernel",
-    "triton": "Triton kernels (ops/scan_triton.py)",
+    "triton": "Triton kernels (ops/scan/kernels.py)",
     "torch": "chunked pure PyTorch",
     "reference": "sequential reference loop (slow; meant for tests)",
 }
 _logged: set[str] = set()
-
-
-@functools.cache
-def _scan_triton():
-    from . import scan_triton  # noqa: PLC0415 - imports triton, an optional dependency
-    return scan_triton
+_triton_backend = lazy_module("nnunetv2_sa_umamba.ops.scan.triton_backend")
 
 
 def available_backends() -> tuple[str, ...]:
     """Backends that can run on this machine: ``cuda`` needs a GPU and the importable kernel, ``triton`` a GPU
     (or Triton's interpreter) and Triton."""
-    usable = {"cuda": torch.cuda.is_available() and scan_cuda.kernel_available(),
+    usable = {"cuda": torch.cuda.is_available() and cuda_backend.kernel_available(),
               "triton": (torch.cuda.is_available() or triton_interpreted()) and triton_importable()}
     return tuple(name for name in BACKENDS if usable.get(name, True))
 
@@ -72,7 +67,7 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        if scan_cuda.kernel_available():
+        if cuda_backend.kernel_available():
             return "cuda"
         # without mamba-ssm: ~5x faster than the torch backend on an H100 (docs/BENCHMARKS.md)
         return "triton" if triton_importable() else "torch"
@@ -90,9 +85,9 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
         problems = []
         if device.type != "cuda":
             problems.append(f"the tensors are on {device}, not on a CUDA device")
-        if not scan_cuda.kernel_available():
+        if not cuda_backend.kernel_available():
             problems.append(f"mamba-ssm's selective_scan_cuda does not import "
-                            f"({scan_cuda.kernel_import_error()})")
+                            f"({cuda_backend.kernel_import_error()})")
         if problems:
             raise RuntimeError(f"selective-scan backend 'cuda' cannot run: {'; '.join(problems)}. "
                                f"To use it, {INSTALL_HINT} and pass CUDA tensors; otherwise use "
@@ -159,8 +154,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if compute_dtype is not None:
         u, delta, B, C = (t.to(compute_dtype) for t in (u, delta, B, C))
     if name == "triton":
-        return _scan_triton().selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    impl = {"cuda": scan_cuda.selective_scan_cuda, "torch": selective_scan_torch,
+        return _triton_backend().selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    impl = {"cuda": cuda_backend.selective_scan_cuda, "torch": selective_scan_torch,
             "reference": selective_scan_reference}[name]
     return impl(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
@@ -181,7 +176,7 @@ def selective_scan_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Ten
     name = _choose_backend(u.device, backend)
     if name == "cuda":
         _check_shapes(u, u, A, B, C, D, delta_bias)
-        return scan_cuda.selective_scan_cuda_lowrank_delta(u, delta_low, delta_weight, A, B, C, D, delta_bias,
+        return cuda_backend.selective_scan_cuda_lowrank_delta(u, delta_low, delta_weight, A, B, C, D, delta_bias,
                                                            delta_softplus)
-    return selective_scan(u, scan_cuda.project_delta(delta_weight, delta_low), A, B, C, D, delta_bias,
+    return selective_scan(u, cuda_backend.project_delta(delta_weight, delta_low), A, B, C, D, delta_bias,
                           delta_softplus, backend=name)

@@ -1,5 +1,5 @@
 """nn.LayerNorm, and SS2D's gate norm(y) * silu(z), as autograd ops over the Triton kernels
-(ops/layernorm_triton.py); ops/triton_dispatch.py decides when they run, PyTorch's operations otherwise.
+(ops/layernorm/kernels.py); PyTorch's operations where the kernels do not run.
 
 Under CUDA autocast PyTorch runs layer_norm in float32, copying every half-precision input to float32 first; the
 kernels read the input as it is, compute in float32 and write the output once in the dtype asked for. The gate
@@ -7,22 +7,15 @@ keeps only y, z and two float32 values per row for its backward.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_sa_umamba.ops.triton_dispatch import KERNEL_DTYPES, use_triton
+from nnunetv2_sa_umamba.ops.common import KERNEL_DTYPES, lazy_module, use_triton
 
 # a tile holds whole rows in registers
 MAX_CHANNELS = 8192
-
-
-@functools.cache
-def _kernels():
-    from nnunetv2_sa_umamba.ops import layernorm_triton
-    return layernorm_triton
+_kernels = lazy_module("nnunetv2_sa_umamba.ops.layernorm.kernels")
 
 
 def _norm_dtype(x: torch.Tensor) -> torch.dtype:

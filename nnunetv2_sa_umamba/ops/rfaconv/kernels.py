@@ -9,7 +9,7 @@ For input x (P = B*H*W positions, C channels) the chain is, per channel c and re
     out[p, :]         = weighted[p] (flattened k-major) @ w_out^T + b   the stride-3 conv, a (9C -> C) matmul
 
 Layouts ("kernel layout", k-major so that channel runs are contiguous): x (P, C); wf (9 taps, 9, C); wc and
-every per-(k, c) vector (9, C); weighted and its gradients (P, 9, C). ops/rfaconv_fused.py converts the
+every per-(k, c) vector (9, C); weighted and its gradients (P, 9, C). ops/rfaconv/interface.py converts the
 module's parameters. The kernels recompute f, y and s from x wherever they need them, so none of the 9C-channel
 tensors of the unfused chain is kept between forward and backward; the batch-norm statistics come from a first
 pass that reduces f without storing it. Accumulation is float32 whatever the input dtype.
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-POSITIONS = 9
+from nnunetv2_sa_umamba.ops.common import RFACONV_POSITIONS as POSITIONS
 BLOCK_K = 16  # the 9 positions, padded to a power of two
 # (positions per tile, channels per tile, warps, tiles per program) per kernel; programs that reduce over
 # positions loop over several tiles so that fewer partial sums meet in atomic adds
