@@ -30,6 +30,7 @@ from nnunetv2_sa_umamba.modules.blocks import (PatchEmbed, PatchExpand, PatchMer
                                                VSSBlock)
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv  # noqa: E402
 from nnunetv2_sa_umamba.modules.ss2d import NUM_DIRECTIONS, SS2D, _scan_dtype  # noqa: E402
+from nnunetv2_sa_umamba.ops.policy import kernel_policy  # noqa: E402
 from nnunetv2_sa_umamba.ops.scan import selective_scan  # noqa: E402
 
 MODULE_TYPES = (RSSSBlock, VSSBlock, SS2D, RFAConv, PatchEmbed, PatchMerging, PatchExpand)
@@ -111,7 +112,7 @@ def measure_implementation(args, implementation: str, device: torch.device) -> l
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     arch = dict(dims=(24, 48, 96, 192)) if args.smoke else {}
     torch.manual_seed(0)
-    model = SAUMamba(channels, args.classes, implementation=implementation, **arch).to(device).train()
+    model = SAUMamba(channels, args.classes, kernels=kernel_policy(implementation), **arch).to(device).train()
     x = torch.randn(batch, channels, size, size, device=device)
     rows = []
     for (name, shape, kwargs, module), count in captured_inputs(model, x, autocast).items():
@@ -133,7 +134,7 @@ def measure_implementation(args, implementation: str, device: torch.device) -> l
 
             def run_scan(u, delta, bs, cs, module=module, a=a.detach(), ds=ds.detach(), bias=dt_bias.detach()):
                 return selective_scan(u, delta, a, bs, cs, ds, delta_bias=bias, delta_softplus=True,
-                                      backend=module.scan_backend)
+                                      backend=module.kernels.scan)
 
             fwd, fwd_bwd, held = time_module(run_scan, tensors, device, args.warmup, args.iters)
             rows.append(Row(implementation, "selective_scan (in SS2D)", shape_text, count, fwd, fwd_bwd, held))

@@ -36,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
+from nnunetv2_sa_umamba.ops.policy import kernel_policy  # noqa: E402
 from nnunetv2_sa_umamba.ops.scan import available_backends  # noqa: E402
 from nnunetv2_sa_umamba.training.cuda_graphs import (enable_inference_graphs, enable_training_graphs,  # noqa: E402
                                                      graphs_recorded)
@@ -159,10 +160,10 @@ def scan_backends(device: torch.device) -> list[str]:
 def model_specs(args, in_channels: int, classes: int, size: int, device: torch.device):
     """(name, builder) for every row on this device."""
     arch = dict(dims=(24, 48, 96, 192)) if args.smoke else {}
-    specs = [("reference", lambda: SAUMamba(in_channels, classes, implementation="reference", **arch))]
+    specs = [("reference", lambda: SAUMamba(in_channels, classes, kernels=kernel_policy("reference"), **arch))]
     for backend in scan_backends(device):
-        specs.append((f"fast/{backend}", lambda b=backend: SAUMamba(in_channels, classes, implementation="fast",
-                                                                     scan_backend=b, **arch)))
+        specs.append((f"fast/{backend}", lambda b=backend: SAUMamba(in_channels, classes,
+                                                                     kernels=kernel_policy("fast", scan=b), **arch)))
     if device.type == "cuda":
         specs.append(("fast+graphs", lambda: enable_inference_graphs(
             enable_training_graphs(SAUMamba(in_channels, classes, **arch)))))

@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("triton")
 
 from nnunetv2_sa_umamba.modules import ss2d  # noqa: E402
-from nnunetv2_sa_umamba.ops.common import FUSED_ENV_VAR as ENV_VAR  # noqa: E402
 from nnunetv2_sa_umamba.ops.cross_scan import cross_merge, cross_scan  # noqa: E402
+from nnunetv2_sa_umamba.ops.policy import KernelPolicy  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # odd sizes, one-pixel rows, and lines longer than one kernel chunk (128)
@@ -45,14 +45,15 @@ def test_cross_merge_and_its_gradient(shape):
     assert torch.equal(ys.grad, ys_ref.grad)
 
 
-def test_ss2d_with_fused_cross_scan_matches_unfused(monkeypatch):
+def test_ss2d_with_fused_cross_scan_matches_unfused():
+    """Only the cross-scan and cross-merge switched: the output gate's LayerNorm is PyTorch's in both."""
     torch.manual_seed(0)
-    module = ss2d.SS2D(16, scan_backend="torch").to(DEVICE)
+    module = ss2d.SS2D(16, kernels=KernelPolicy(scan="torch", layernorm="torch", cross_scan="triton")).to(DEVICE)
     unfused = copy.deepcopy(module)
+    unfused.kernels = KernelPolicy(scan="torch", layernorm="torch", cross_scan="torch")
     x = torch.randn(2, 6, 10, 16, device=DEVICE)
     results = []
-    for choice, m in (("triton", module), ("torch", unfused)):
-        monkeypatch.setenv(ENV_VAR, choice)
+    for m in (module, unfused):
         xi = x.clone().requires_grad_()
         y = m(xi)
         y.square().sum().backward()
@@ -65,14 +66,15 @@ def test_ss2d_with_fused_cross_scan_matches_unfused(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_ss2d_fused_cross_scan_under_bf16_autocast(monkeypatch):
-    """Stage-1 shape of the 28 x 256 x 256 batch under bf16 autocast: same result as the PyTorch copies."""
+def test_ss2d_fused_cross_scan_under_bf16_autocast():
+    """Stage-1 shape of the 28 x 256 x 256 batch under bf16 autocast: same result as the PyTorch copies (only the
+    cross-scan and cross-merge switched)."""
     torch.manual_seed(0)
-    module = ss2d.SS2D(96).cuda()
+    module = ss2d.SS2D(96, kernels=KernelPolicy()).cuda()
     x = torch.randn(28, 64, 64, 96, device="cuda")
     outputs = []
     for choice in ("triton", "torch"):
-        monkeypatch.setenv(ENV_VAR, choice)
+        module.kernels = KernelPolicy(cross_scan=choice)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outputs.append(module(x).float())
     error = ((outputs[0] - outputs[1]).abs().max() / outputs[1].abs().max()).item()

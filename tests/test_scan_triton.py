@@ -7,6 +7,7 @@ largest errors; run them with ``pytest -m cuda -s``.
 import pytest
 import torch
 
+from nnunetv2_sa_umamba.ops.policy import SCAN_ENV_CHOICES, SCAN_ENV_VAR, kernel_policy
 from nnunetv2_sa_umamba.ops.scan import interface as dispatch
 from nnunetv2_sa_umamba.ops.scan import kernels as scan_kernels
 from nnunetv2_sa_umamba.ops.scan import resolve_backend, selective_scan
@@ -116,10 +117,10 @@ def test_triton_backend_without_gpu_or_interpreter_explains(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_importable", lambda: False)
     with pytest.raises(RuntimeError, match="Triton is not installed"):
         resolve_backend("cpu", "triton")
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    assert "triton" in dispatch.ENV_CHOICES
+    monkeypatch.setenv(SCAN_ENV_VAR, "triton")
+    assert "triton" in SCAN_ENV_CHOICES
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
-        resolve_backend("cpu")
+        resolve_backend("cpu", kernel_policy().scan)
 
 
 # ---- on the GPU, at the network's shapes (smaller batch) ----

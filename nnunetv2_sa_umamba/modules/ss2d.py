@@ -1,6 +1,6 @@
 """SS2D: VMamba v0's 2D selective-scan module, as used by VM-UNet and SA-UMamba.
 
-Two implementations of the same math, chosen per module with ``implementation``:
+Two implementations of the same math, chosen per module by its kernel policy's ``implementation``:
 
 - ``"reference"``: the released code's operations (stacked/flipped cross-scan copies, einsum projections,
   float32 scan inputs). Every speedup is measured against it.
@@ -22,15 +22,8 @@ from nnunetv2_sa_umamba.ops import cross_scan as cross_scan_op
 from nnunetv2_sa_umamba.ops.common import matmul_dtype
 from nnunetv2_sa_umamba.ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
 from nnunetv2_sa_umamba.ops.layernorm import layer_norm_gate
+from nnunetv2_sa_umamba.ops.policy import KernelPolicy, kernel_policy
 from nnunetv2_sa_umamba.ops.scan import selective_scan, selective_scan_lowrank_delta
-
-IMPLEMENTATIONS = ("reference", "fast")
-
-
-def check_implementation(implementation: str) -> str:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    return implementation
 
 
 def _scan_dtype(x: torch.Tensor) -> torch.dtype:
@@ -41,18 +34,20 @@ def _scan_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class SS2D(nn.Module):
-    """(B, H, W, C) -> (B, H, W, C). d_inner D = expand * C, dt_rank R = ceil(C / 16)."""
+    """(B, H, W, C) -> (B, H, W, C). d_inner D = expand * C, dt_rank R = ceil(C / 16).
+
+    ``kernels``: the kernel policy (``implementation``, ``scan``, ``cross_scan``, ``layernorm`` for the output gate),
+    by default ``kernel_policy()``."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: int = 2,
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 implementation: str = "fast", scan_backend: str | None = None):
+                 kernels: KernelPolicy | None = None):
         super().__init__()
         self.d_model = d_model
         self.d_state = d_state
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16)
-        self.implementation = check_implementation(implementation)
-        self.scan_backend = scan_backend
+        self.kernels = kernels or kernel_policy()
         d_inner, dt_rank, k = self.d_inner, self.dt_rank, NUM_DIRECTIONS
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
@@ -77,13 +72,13 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        if self.implementation == "reference":
+        if not self.kernels.fast:
             y = self._forward_core_reference(self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous())))
             return self.out_proj(self.out_norm(y) * F.silu(z))
         # the channel-last permute is channels_last memory: cuDNN's depthwise conv is ~2x faster on it
         y = self._forward_core_fast(self.act(self.conv2d(x.permute(0, 3, 1, 2))))
         # one kernel on CUDA that keeps only y and z for the backward; rounded once for the projection
-        return self.out_proj(layer_norm_gate(y, z, self.out_norm, matmul_dtype(y)))
+        return self.out_proj(layer_norm_gate(y, z, self.out_norm, matmul_dtype(y), self.kernels.layernorm))
 
     def _scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = -torch.exp(self.A_logs.float())
@@ -103,7 +98,7 @@ class SS2D(nn.Module):
         out_y = selective_scan(
             xs.float().view(b, -1, length), dts.contiguous().float().view(b, -1, length), a,
             bs.float().view(b, k, -1, length), cs.float().view(b, k, -1, length), ds,
-            delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
+            delta_bias=dt_bias, delta_softplus=True, backend=self.kernels.scan,
         ).view(b, k, -1, length)
         inv_y = torch.flip(out_y[:, 2:4], dims=[-1]).view(b, 2, -1, length)
         wh_y = out_y[:, 1].view(b, -1, w, h).transpose(2, 3).contiguous().view(b, -1, length)
@@ -116,7 +111,7 @@ class SS2D(nn.Module):
         b, d, h, w = x.shape
         length, k = h * w, NUM_DIRECTIONS
         dtype = _scan_dtype(x)
-        fused = cross_scan_op.use_fused(x)
+        fused = cross_scan_op.use_fused(x, self.kernels.cross_scan)
         # projections run in the scan dtype itself: fp16 autocast would otherwise add cast copies
         with torch.autocast(x.device.type, enabled=False):
             # the conv's output is channels_last memory, so the permute is free
@@ -130,6 +125,6 @@ class SS2D(nn.Module):
         # direction) from dts (C / 16 rows) instead of keeping it
         ys = selective_scan_lowrank_delta(
             xs.view(b, k * d, length), dts, dt_weight, a, bs.contiguous(), cs.contiguous(), ds,
-            delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
+            delta_bias=dt_bias, delta_softplus=True, backend=self.kernels.scan,
         ).view(b, k, d, length)
         return cross_merge(ys, h, w, fused)

@@ -49,9 +49,10 @@ def lazy_module(name: str) -> Callable[[], ModuleType]:
 
 
 def fused_kernels_run(choice: str, x: Tensor, largest_tensor_elements: int, what: str) -> bool:
-    """Whether an operator's Triton kernels run on ``x`` for its kernel choice ("auto", "triton" or "torch"), the
-    largest tensor of the op having ``largest_tensor_elements`` elements. "auto": on CUDA tensors when Triton is
-    installed. "triton": always, and an error names ``what`` asked for them where they cannot run."""
+    """Whether an operator's Triton kernels run on ``x`` for its kernel choice (a ``KernelPolicy`` field: "auto",
+    "triton" or "torch"), the op's largest tensor having ``largest_tensor_elements`` elements. "auto": on CUDA
+    tensors when Triton is installed. "triton": wherever the kernels can take ``x``, else an error naming ``what``.
+    The operator's own conditions (deterministic mode, ...) come on top, in its module."""
     if choice == "torch" or largest_tensor_elements > MAX_ELEMENTS or x.dtype not in KERNEL_DTYPES:
         return False
     if choice == "auto":
@@ -63,19 +64,6 @@ def fused_kernels_run(choice: str, x: Tensor, largest_tensor_elements: int, what
         raise RuntimeError(f"{what} needs CUDA tensors for the Triton kernels (or TRITON_INTERPRET=1 to run them on "
                            f"the CPU, slowly); got a {x.device.type} tensor.")
     return True
-
-
-FUSED_ENV_VAR = "SAUMAMBA_FUSED_KERNELS"
-FUSED_CHOICES = ("auto", "triton", "torch")
-
-
-def use_triton(x: Tensor, largest_tensor_elements: int) -> bool:
-    """``fused_kernels_run`` for the choice in ``SAUMAMBA_FUSED_KERNELS``."""
-    choice = os.environ.get(FUSED_ENV_VAR, "").strip().lower() or "auto"
-    if choice not in FUSED_CHOICES:
-        raise ValueError(f"environment variable {FUSED_ENV_VAR}={os.environ[FUSED_ENV_VAR]!r} is not one of "
-                         f"{', '.join(FUSED_CHOICES)}; set one of those or unset it.")
-    return fused_kernels_run(choice, x, largest_tensor_elements, f"{FUSED_ENV_VAR}={choice}")
 
 
 def matmul_dtype(x: Tensor) -> torch.dtype | None:

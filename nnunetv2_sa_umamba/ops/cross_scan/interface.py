@@ -10,15 +10,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nnunetv2_sa_umamba.ops.common import lazy_module, use_triton
+from nnunetv2_sa_umamba.ops.common import fused_kernels_run, lazy_module
 
 NUM_DIRECTIONS = 4
 _kernels = lazy_module("nnunetv2_sa_umamba.ops.cross_scan.kernels")
 
 
-def use_fused(x: Tensor) -> bool:
-    """Whether the kernels scan and merge for SS2D input ``x`` (B, H, W, D) (or any layout of its elements)."""
-    return use_triton(x, NUM_DIRECTIONS * x.numel())
+def use_fused(x: Tensor, choice: str) -> bool:
+    """Whether the kernels scan and merge for SS2D input ``x`` (B, H, W, D) (or any layout of its elements), for
+    the kernel choice ("auto", "triton" or "torch", ``KernelPolicy.cross_scan``)."""
+    return fused_kernels_run(choice, x, NUM_DIRECTIONS * x.numel(), f"cross-scan with kernels {choice!r}")
 
 
 def _cross_scan_torch(x: Tensor) -> Tensor:

@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from nnunetv2_sa_umamba.ops.common import RFACONV_POSITIONS as POSITIONS
-from nnunetv2_sa_umamba.ops.common import lazy_module, matmul_dtype, use_triton
+from nnunetv2_sa_umamba.ops.common import fused_kernels_run, lazy_module, matmul_dtype
 
 _kernels = lazy_module("nnunetv2_sa_umamba.ops.rfaconv.kernels")
 
 
-def use_fused(x: torch.Tensor, module: nn.Module | None = None) -> bool:
-    """Whether RFAConv ``module`` runs the fused kernels on ``x`` (B, H, W, C) or (B, C, H, W).
+def use_fused(x: torch.Tensor, choice: str, module: nn.Module | None = None) -> bool:
+    """Whether RFAConv ``module`` runs the fused kernels on ``x`` (B, H, W, C) or (B, C, H, W), for its kernel
+    choice ("auto", "triton" or "torch", ``KernelPolicy.rfaconv``).
 
     Not under torch.use_deterministic_algorithms (the kernels reduce with atomic adds), and not for a
     SyncBatchNorm in training (multi-GPU: its statistics and gradient sums are synchronised across GPUs)."""
@@ -20,7 +21,7 @@ def use_fused(x: torch.Tensor, module: nn.Module | None = None) -> bool:
         return False
     if module is not None and isinstance(module.feature_norm, nn.SyncBatchNorm) and module.feature_norm.training:
         return False
-    return use_triton(x, x.numel() * POSITIONS)
+    return fused_kernels_run(choice, x, x.numel() * POSITIONS, f"RFAConv with kernels {choice!r}")
 
 
 class _RFAConvChain(torch.autograd.Function):

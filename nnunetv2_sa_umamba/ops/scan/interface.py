@@ -7,26 +7,23 @@ Backends (same semantics, mamba-ssm's ``selective_scan_fn`` without ``z``):
 - ``torch``: chunked pure PyTorch with a hand-written backward; any device, float32 state.
 - ``reference``: the step-by-step loop under autograd; for tests, used only when named explicitly.
 
-Choice: the ``backend`` argument, else the environment variable ``SAUMAMBA_SCAN_BACKEND``
-(``auto``, ``cuda``, ``triton`` or ``torch``), else ``auto``: for CUDA tensors mamba-ssm's kernel when it
-imports, else the Triton kernels when Triton imports; ``torch`` otherwise. Under torch.compile the choice is
-made once, when the graph is traced.
+Choice: the ``backend`` argument (SS2D passes its ``KernelPolicy``'s ``scan``, which ``SAUMAMBA_SCAN_BACKEND``
+sets), ``auto`` by default: for CUDA tensors mamba-ssm's kernel when it imports, else the Triton kernels when
+Triton imports; ``torch`` otherwise. Under torch.compile the choice is made once, when the graph is traced.
 """
 import logging
-import os
 
 import torch
 from torch import Tensor
 
-from nnunetv2_sa_umamba.ops.common import lazy_module, triton_importable, triton_interpreted
+from nnunetv2_sa_umamba.ops.common import TRITON_INSTALL_HINT, lazy_module, triton_importable, triton_interpreted
+from nnunetv2_sa_umamba.ops.policy import SCAN_BACKENDS, SCAN_ENV_VAR
 from nnunetv2_sa_umamba.ops.scan import cuda_backend
 from nnunetv2_sa_umamba.ops.scan.reference import selective_scan_reference
 from nnunetv2_sa_umamba.ops.scan.torch_backend import selective_scan_torch
 
 logger = logging.getLogger("nnunetv2_sa_umamba")
 
-ENV_VAR = "SAUMAMBA_SCAN_BACKEND"
-ENV_CHOICES = ("auto", "cuda", "triton", "torch")
 BACKENDS = ("cuda", "triton", "torch", "reference")
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16)
 INSTALL_HINT = ('install mamba-ssm with its CUDA kernel (torch with CUDA and a CUDA toolkit with nvcc '
@@ -49,20 +46,14 @@ def available_backends() -> tuple[str, ...]:
     return tuple(name for name in BACKENDS if usable.get(name, True))
 
 
-def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
+def resolve_backend(device: torch.device | str, backend: str = "auto") -> str:
     """Name of the backend that scans tensors on ``device``: "cuda", "triton", "torch" or "reference".
 
-    ``backend``: "auto", "cuda", "triton", "torch", "reference" or None (then ``SAUMAMBA_SCAN_BACKEND``,
-    default "auto"). Raises ValueError for unknown names and RuntimeError when "cuda" or "triton" cannot run.
+    ``backend``: "auto", "cuda", "triton", "torch" or "reference". Raises ValueError for unknown names and
+    RuntimeError when "cuda" or "triton" cannot run.
     """
-    if backend is None:
-        backend = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
-        if backend not in ENV_CHOICES:
-            raise ValueError(f"environment variable {ENV_VAR}={os.environ[ENV_VAR]!r} is not one of "
-                             f"{', '.join(ENV_CHOICES)}; set one of those or unset it.")
-    elif backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of "
-                         f"auto, {', '.join(BACKENDS)}.")
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {', '.join(SCAN_BACKENDS)}.")
     device = torch.device(device)
     if backend == "auto":
         if device.type != "cuda":
@@ -74,13 +65,13 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
     if backend == "triton":
         problems = []
         if not triton_importable():
-            problems.append("Triton is not installed (pip install triton)")
+            problems.append(f"Triton is not installed ({TRITON_INSTALL_HINT})")
         if device.type != "cuda" and not triton_interpreted():
             problems.append(f"the tensors are on {device}, not on a CUDA device (TRITON_INTERPRET=1 runs the "
                             f"kernels on the CPU, slowly)")
         if problems:
             raise RuntimeError(f"selective-scan backend 'triton' cannot run: {'; '.join(problems)}. "
-                               f"Use backend 'torch' or 'auto' (or {ENV_VAR}=torch) otherwise.")
+                               f"Use backend 'torch' or 'auto' (or {SCAN_ENV_VAR}=torch) otherwise.")
     if backend == "cuda":
         problems = []
         if device.type != "cuda":
@@ -91,12 +82,12 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
         if problems:
             raise RuntimeError(f"selective-scan backend 'cuda' cannot run: {'; '.join(problems)}. "
                                f"To use it, {INSTALL_HINT} and pass CUDA tensors; otherwise use "
-                               f"backend 'torch' or 'auto' (or {ENV_VAR}=torch).")
+                               f"backend 'torch' or 'auto' (or {SCAN_ENV_VAR}=torch).")
     return backend
 
 
 @torch.compiler.assume_constant_result
-def _choose_backend(device: torch.device, backend: str | None) -> str:
+def _choose_backend(device: torch.device, backend: str) -> str:
     """resolve_backend plus the one-time log line; a constant for torch.compile."""
     name = resolve_backend(device, backend)
     if name not in _logged:
@@ -131,7 +122,7 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   backend: str | None = None, compute_dtype: torch.dtype | None = None) -> Tensor:
+                   backend: str = "auto", compute_dtype: torch.dtype | None = None) -> Tensor:
     """Selective scan y (batch, dim, L), with mamba-ssm's ``selective_scan_fn`` semantics.
 
     u, delta: (batch, dim, L). A: (dim, N), float32. B, C: (batch, groups, N, L); channel d reads
@@ -162,7 +153,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
 def selective_scan_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Tensor, A: Tensor, B: Tensor,
                                  C: Tensor, D: Tensor | None = None, delta_bias: Tensor | None = None,
-                                 delta_softplus: bool = False, backend: str | None = None) -> Tensor:
+                                 delta_softplus: bool = False, backend: str = "auto") -> Tensor:
     """``selective_scan`` with delta = delta_weight (groups, dim / groups, R) @ delta_low (batch, groups, R, L)
     per group (SS2D's dt projection). Same values; with the ``cuda`` backend the backward recomputes delta from
     delta_low instead of keeping it. u, delta_low and delta_weight share one dtype."""
