@@ -1,6 +1,8 @@
 """SA-UMamba (Liu et al., PLoS One 2025): RSSS encoder, VSS decoder, additive skips.
 
-With ``rfac=False, residual_scale=False`` it is VM-UNet. See shared/DESIGN.md sections 1-2 for shapes.
+With ``rfac=False, residual_scale=False`` it is VM-UNet. Shapes for a 3 x 256 x 256 input: patch embedding to
+64 x 64 x 96, three PatchMerging steps to 8 x 8 x 768, the decoder back up to 64 x 64 x 96, a 4x expand to
+256 x 256 x 24 and a 1x1 conv head.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from nnunetv2_sa_umamba.ops.common import RFACONV_POSITIONS as POSITIONS
 BLOCK_K = 16  # the 9 positions, padded to a power of two
 # (positions per tile, channels per tile, warps, tiles per program) per kernel; programs that reduce over
 # positions loop over several tiles so that fewer partial sums meet in atomic adds
-# Chosen on an H100 at the stage-1 and stage-3 shapes of a 28 x 256 x 256 batch (sum of both times).
+# Chosen for the stage-1 and stage-3 shapes of a 28 x 256 x 256 batch together.
 CONFIGS = {
     "stats": (16, 16, 4, 1),
     "weighted": (8, 32, 2, 1),
@@ -34,9 +34,9 @@ CONFIGS = {
 }
 # Under 16-bit autocast ("tf32" products) these kernels compute f as one matrix product per channel, (positions
 # x taps) @ (taps x k), with their own tiles; otherwise, and in the other kernels, f is 9 broadcast multiply-adds.
-# Chosen on an H100 from a sweep at the four stage shapes of a 28 x 256 x 256 batch (bf16 autocast): statistics
-# 0.71 -> 0.45 ms, reduction pass 5.26 -> 3.30 ms summed over the four shapes. The passes then see f rounded
-# differently (TF32 products vs float32 multiply-adds), far below autocast's own 16-bit rounding of it.
+# The products won where they replace the statistics' and the reduction pass's multiply-adds (docs/BENCHMARKS.md).
+# The passes then see f rounded differently (TF32 products vs float32 multiply-adds), far below autocast's own
+# 16-bit rounding of it.
 DOT_CONFIGS = {"stats": (32, 32, 8, 1), "backward_reduce": (16, 16, 2, 1)}
 
 

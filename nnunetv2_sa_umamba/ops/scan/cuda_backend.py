@@ -176,9 +176,8 @@ def selective_scan_cuda_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight
                                       C: Tensor, D: Tensor | None = None, delta_bias: Tensor | None = None,
                                       delta_softplus: bool = False) -> Tensor:
     """``selective_scan_cuda`` with delta = project_delta(delta_weight, delta_low), computed here. The backward
-    recomputes delta instead of keeping it: for SS2D R = ceil(C / 16) rows per direction instead of 2C (peak
-    training memory 6.57 -> 5.59 GiB at batch 28 x 3 x 256 x 256 under bf16 autocast on an H100). delta_weight
-    and delta_low must have u's dtype."""
+    recomputes delta instead of keeping it: for SS2D it keeps R = ceil(C / 16) rows per direction instead of 2C,
+    which lowers peak training memory (docs/BENCHMARKS.md). delta_weight and delta_low must have u's dtype."""
     operands = _kernel_operands(u, A, B, C, D, delta_bias)
     if delta_low.dtype != u.dtype or delta_weight.dtype != u.dtype:
         raise TypeError(f"the cuda selective-scan kernel takes u, delta_low and delta_weight of one dtype, got "

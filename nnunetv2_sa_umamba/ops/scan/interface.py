@@ -60,7 +60,7 @@ def resolve_backend(device: torch.device | str, backend: str = "auto") -> str:
             return "torch"
         if cuda_backend.kernel_available():
             return "cuda"
-        # without mamba-ssm: ~5x faster than the torch backend on an H100 (docs/BENCHMARKS.md)
+        # without mamba-ssm the Triton kernels are far faster than the chunked PyTorch scan (docs/BENCHMARKS.md)
         return "triton" if triton_importable() else "torch"
     if backend == "triton":
         problems = []

@@ -24,8 +24,8 @@ import triton.language as tl
 LOG2_E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)), as mamba-ssm computes it
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # as mamba-ssm and F.softplus: above it softplus(x) = x
 # Tile sizes: steps per chunk and channels per program, chosen so that a tile holds about TILE_ELEMENTS
-# state values (channels x N x steps) and the block's channels share one group of B and C. Best total of a
-# sweep (steps 32/64/128, tiles 2048-8192, 2-8 warps) over SS2D's four scan shapes at batch 28 on an H100.
+# state values (channels x N x steps) and the block's channels share one group of B and C; the values won a
+# sweep over SS2D's four scan shapes (docs/BENCHMARKS.md).
 MAX_BLOCK_L = 32
 TILE_ELEMENTS = 4096
 
