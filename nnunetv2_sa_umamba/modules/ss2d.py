@@ -26,7 +26,8 @@ from nnunetv2_sa_umamba.ops.policy import KernelPolicy, kernel_policy
 from nnunetv2_sa_umamba.ops.scan import selective_scan, selective_scan_lowrank_delta
 
 
-def _scan_dtype(x: torch.Tensor) -> torch.dtype:
+def scan_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the fast path's scan inputs for ``x``: float32, or bfloat16 under any autocast."""
     if not torch.is_autocast_enabled(x.device.type):
         return torch.float32
     # bf16 has float32's range; fp16 scan outputs overflow.
@@ -80,7 +81,8 @@ class SS2D(nn.Module):
         # one kernel on CUDA that keeps only y and z for the backward; rounded once for the projection
         return self.out_proj(layer_norm_gate(y, z, self.out_norm, matmul_dtype(y), self.kernels.layernorm))
 
-    def _scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scan's A (4D, N), D (4D,) and delta bias (4D,), float32."""
         a = -torch.exp(self.A_logs.float())
         return a, self.Ds.float(), self.dt_projs_bias.float().view(-1)
 
@@ -94,7 +96,7 @@ class SS2D(nn.Module):
         x_dbl = torch.einsum("b k d l, k c d -> b k c l", xs.view(b, k, -1, length), self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("b k r l, k d r -> b k d l", dts.view(b, k, -1, length), self.dt_projs_weight)
-        a, ds, dt_bias = self._scan_parameters()
+        a, ds, dt_bias = self.scan_parameters()
         out_y = selective_scan(
             xs.float().view(b, -1, length), dts.contiguous().float().view(b, -1, length), a,
             bs.float().view(b, k, -1, length), cs.float().view(b, k, -1, length), ds,
@@ -110,7 +112,7 @@ class SS2D(nn.Module):
         """(B, D, H, W) -> (B, H, W, D), same values with fewer copies and 16-bit scan inputs."""
         b, d, h, w = x.shape
         length, k = h * w, NUM_DIRECTIONS
-        dtype = _scan_dtype(x)
+        dtype = scan_dtype(x)
         fused = cross_scan_op.use_fused(x, self.kernels.cross_scan)
         # projections run in the scan dtype itself: fp16 autocast would otherwise add cast copies
         with torch.autocast(x.device.type, enabled=False):
@@ -120,7 +122,7 @@ class SS2D(nn.Module):
             x_dbl = torch.matmul(self.x_proj_weight.to(dtype), xs)
             dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
             dt_weight = self.dt_projs_weight.to(dtype)
-        a, ds, dt_bias = self._scan_parameters()
+        a, ds, dt_bias = self.scan_parameters()
         # delta = dt_weight @ dts per direction, inside the scan: its backward recomputes delta (2C rows per
         # direction) from dts (C / 16 rows) instead of keeping it
         ys = selective_scan_lowrank_delta(
