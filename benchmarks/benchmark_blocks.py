@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.benchmark_network import DTYPES, _median_ms, _sync  # noqa: E402
-from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
-from nnunetv2_sa_umamba.modules.blocks import (PatchEmbed, PatchExpand, PatchMerging, RSSSBlock,  # noqa: E402
+# the script's own folder is on sys.path: its sibling's timing helpers
+from benchmark_network import DTYPES, median_ms, synchronize
+from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
+from nnunetv2_sa_umamba.modules.blocks import (PatchEmbed, PatchExpand, PatchMerging, RSSSBlock,
                                                VSSBlock)
-from nnunetv2_sa_umamba.modules.rfaconv import RFAConv  # noqa: E402
-from nnunetv2_sa_umamba.modules.ss2d import NUM_DIRECTIONS, SS2D, _scan_dtype  # noqa: E402
-from nnunetv2_sa_umamba.ops.selective_scan import selective_scan  # noqa: E402
+from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
+from nnunetv2_sa_umamba.modules.ss2d import NUM_DIRECTIONS, SS2D, scan_dtype
+from nnunetv2_sa_umamba.ops.policy import kernel_policy
+from nnunetv2_sa_umamba.ops.scan import selective_scan
 
 MODULE_TYPES = (RSSSBlock, VSSBlock, SS2D, RFAConv, PatchEmbed, PatchMerging, PatchExpand)
 
@@ -60,7 +61,8 @@ def captured_inputs(model: nn.Module, x: torch.Tensor, autocast) -> Counter:
         representatives.setdefault(key, module)
         seen[key] += 1
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, MODULE_TYPES)]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
+               if isinstance(m, MODULE_TYPES)]
     with torch.no_grad(), autocast:
         model(x)
     for handle in handles:
@@ -79,14 +81,14 @@ def time_module(fn, inputs: list[torch.Tensor], device: torch.device, warmup: in
         out = fn(*inputs)
         out.backward(torch.ones_like(out))
 
-    forward_ms = _median_ms(forward, device, warmup, iters)
-    forward_backward_ms = _median_ms(forward_backward, device, warmup, iters)
+    forward_ms = median_ms(forward, device, warmup, iters)
+    forward_backward_ms = median_ms(forward_backward, device, warmup, iters)
     held = None
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         before = torch.cuda.memory_allocated(device)
         out = fn(*inputs)
-        _sync(device)
+        synchronize(device)
         held = (torch.cuda.memory_allocated(device) - before) / 2 ** 20
         del out
     for t in inputs:
@@ -111,7 +113,7 @@ def measure_implementation(args, implementation: str, device: torch.device) -> l
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     arch = dict(dims=(24, 48, 96, 192)) if args.smoke else {}
     torch.manual_seed(0)
-    model = SAUMamba(channels, args.classes, implementation=implementation, **arch).to(device).train()
+    model = SAUMamba(channels, args.classes, kernels=kernel_policy(implementation), **arch).to(device).train()
     x = torch.randn(batch, channels, size, size, device=device)
     rows = []
     for (name, shape, kwargs, module), count in captured_inputs(model, x, autocast).items():
@@ -126,14 +128,14 @@ def measure_implementation(args, implementation: str, device: torch.device) -> l
         shape_text = "x".join(map(str, shape))
         rows.append(Row(implementation, name, shape_text, count, fwd, fwd_bwd, held))
         if name == "SS2D":
-            a, ds, dt_bias = module._scan_parameters()
+            a, ds, dt_bias = module.scan_parameters()
             with autocast:
-                scan_dtype = _scan_dtype(inp) if implementation == "fast" else torch.float32
-            tensors = scan_inputs(module, shape, device, scan_dtype)
+                dtype_of_scan = scan_dtype(inp) if implementation == "fast" else torch.float32
+            tensors = scan_inputs(module, shape, device, dtype_of_scan)
 
             def run_scan(u, delta, bs, cs, module=module, a=a.detach(), ds=ds.detach(), bias=dt_bias.detach()):
                 return selective_scan(u, delta, a, bs, cs, ds, delta_bias=bias, delta_softplus=True,
-                                      backend=module.scan_backend)
+                                      backend=module.kernels.scan)
 
             fwd, fwd_bwd, held = time_module(run_scan, tensors, device, args.warmup, args.iters)
             rows.append(Row(implementation, "selective_scan (in SS2D)", shape_text, count, fwd, fwd_bwd, held))

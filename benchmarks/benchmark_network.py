@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
-from nnunetv2_sa_umamba.ops.selective_scan import available_backends  # noqa: E402
-from nnunetv2_sa_umamba.training.cuda_graphs import (enable_inference_graphs, enable_training_graphs,  # noqa: E402
+from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
+from nnunetv2_sa_umamba.ops.policy import kernel_policy
+from nnunetv2_sa_umamba.ops.scan import available_backends
+from nnunetv2_sa_umamba.training.cuda_graphs import (enable_inference_graphs, enable_training_graphs,
                                                      graphs_recorded)
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,7 +67,7 @@ class Row:
     note: str = ""
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -77,18 +77,18 @@ def _median_wall_and_issue_ms(fn, device: torch.device, warmup: int, iters: int)
     its kernels). An issue time close to the wall time means the host, not the GPU, sets the pace."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     walls, issues = [], []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
         issues.append((time.perf_counter() - start) * 1e3)
-        _sync(device)
+        synchronize(device)
         walls.append((time.perf_counter() - start) * 1e3)
     return statistics.median(walls), statistics.median(issues)
 
 
-def _median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
+def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
     return _median_wall_and_issue_ms(fn, device, warmup, iters)[0]
 
 
@@ -136,7 +136,7 @@ def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name:
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) + _graph_pool_idle_bytes(device)) / 2 ** 30
     model.eval()
-    infer_ms = _median_ms(infer, device, warmup, iters)
+    infer_ms = median_ms(infer, device, warmup, iters)
     return train_ms, train_issue_ms, infer_ms, peak
 
 
@@ -153,16 +153,17 @@ def profile_training_step(model: nn.Module, x: torch.Tensor, target: torch.Tenso
 
 def scan_backends(device: torch.device) -> list[str]:
     # the GPU kernels only (Triton's CPU interpreter is far too slow to time)
-    return [b for b in available_backends() if b != "reference" and (b not in ("cuda", "triton") or device.type == "cuda")]
+    return [b for b in available_backends()
+            if b != "reference" and (b not in ("cuda", "triton") or device.type == "cuda")]
 
 
 def model_specs(args, in_channels: int, classes: int, size: int, device: torch.device):
     """(name, builder) for every row on this device."""
     arch = dict(dims=(24, 48, 96, 192)) if args.smoke else {}
-    specs = [("reference", lambda: SAUMamba(in_channels, classes, implementation="reference", **arch))]
+    specs = [("reference", lambda: SAUMamba(in_channels, classes, kernels=kernel_policy("reference"), **arch))]
     for backend in scan_backends(device):
-        specs.append((f"fast/{backend}", lambda b=backend: SAUMamba(in_channels, classes, implementation="fast",
-                                                                     scan_backend=b, **arch)))
+        specs.append((f"fast/{backend}", lambda b=backend: SAUMamba(in_channels, classes,
+                                                                     kernels=kernel_policy("fast", scan=b), **arch)))
     if device.type == "cuda":
         specs.append(("fast+graphs", lambda: enable_inference_graphs(
             enable_training_graphs(SAUMamba(in_channels, classes, **arch)))))

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("triton")
 
 from nnunetv2_sa_umamba.modules import ss2d  # noqa: E402
-from nnunetv2_sa_umamba.ops.triton_dispatch import ENV_VAR  # noqa: E402
+from nnunetv2_sa_umamba.ops.cross_scan import cross_merge, cross_scan  # noqa: E402
+from nnunetv2_sa_umamba.ops.policy import KernelPolicy  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # odd sizes, one-pixel rows, and lines longer than one kernel chunk (128)
@@ -21,8 +22,8 @@ SHAPES = [(2, 5, 7, 6), (1, 1, 9, 40), (2, 3, 150, 8)]
 def test_cross_scan_and_its_gradient(shape):
     x = torch.randn(shape, device=DEVICE, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    xs = ss2d._CrossScanFused.apply(x, torch.float32)
-    xs_ref = ss2d.cross_scan(x_ref.permute(0, 3, 1, 2))
+    xs = cross_scan(x, torch.float32, fused=True)
+    xs_ref = cross_scan(x_ref, torch.float32, fused=False)
     assert torch.equal(xs, xs_ref)
     grad = torch.randn_like(xs)
     xs.backward(grad)
@@ -35,8 +36,8 @@ def test_cross_merge_and_its_gradient(shape):
     b, h, w, d = shape
     ys = torch.randn(b, 4, d, h * w, device=DEVICE, requires_grad=True)
     ys_ref = ys.detach().clone().requires_grad_()
-    y = ss2d._CrossMergeFused.apply(ys, h, w)
-    y_ref = ss2d.cross_merge(ys_ref, h, w).view(b, d, h, w).permute(0, 2, 3, 1)
+    y = cross_merge(ys, h, w, fused=True)
+    y_ref = cross_merge(ys_ref, h, w, fused=False)
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     grad = torch.randn_like(y)
     y.backward(grad)
@@ -44,14 +45,15 @@ def test_cross_merge_and_its_gradient(shape):
     assert torch.equal(ys.grad, ys_ref.grad)
 
 
-def test_ss2d_with_fused_cross_scan_matches_unfused(monkeypatch):
+def test_ss2d_with_fused_cross_scan_matches_unfused():
+    """Only the cross-scan and cross-merge switched: the output gate's LayerNorm is PyTorch's in both."""
     torch.manual_seed(0)
-    module = ss2d.SS2D(16, scan_backend="torch").to(DEVICE)
+    module = ss2d.SS2D(16, kernels=KernelPolicy(scan="torch", layernorm="torch", cross_scan="triton")).to(DEVICE)
     unfused = copy.deepcopy(module)
+    unfused.kernels = KernelPolicy(scan="torch", layernorm="torch", cross_scan="torch")
     x = torch.randn(2, 6, 10, 16, device=DEVICE)
     results = []
-    for choice, m in (("triton", module), ("torch", unfused)):
-        monkeypatch.setenv(ENV_VAR, choice)
+    for m in (module, unfused):
         xi = x.clone().requires_grad_()
         y = m(xi)
         y.square().sum().backward()
@@ -64,14 +66,15 @@ def test_ss2d_with_fused_cross_scan_matches_unfused(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_ss2d_fused_cross_scan_under_bf16_autocast(monkeypatch):
-    """Stage-1 shape of the 28 x 256 x 256 batch under bf16 autocast: same result as the PyTorch copies."""
+def test_ss2d_fused_cross_scan_under_bf16_autocast():
+    """Stage-1 shape of the 28 x 256 x 256 batch under bf16 autocast: same result as the PyTorch copies (only the
+    cross-scan and cross-merge switched)."""
     torch.manual_seed(0)
-    module = ss2d.SS2D(96).cuda()
+    module = ss2d.SS2D(96, kernels=KernelPolicy()).cuda()
     x = torch.randn(28, 64, 64, 96, device="cuda")
     outputs = []
     for choice in ("triton", "torch"):
-        monkeypatch.setenv(ENV_VAR, choice)
+        module.kernels = KernelPolicy(cross_scan=choice)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outputs.append(module(x).float())
     error = ((outputs[0] - outputs[1]).abs().max() / outputs[1].abs().max()).item()

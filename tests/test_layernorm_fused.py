@@ -11,10 +11,10 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from nnunetv2_sa_umamba.ops import layernorm_fused  # noqa: E402
-from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm, layer_norm_gate  # noqa: E402
-from nnunetv2_sa_umamba.ops.layernorm_triton import backward_tile_shape, tile_shape  # noqa: E402
-from nnunetv2_sa_umamba.ops.triton_dispatch import ENV_VAR  # noqa: E402
+from nnunetv2_sa_umamba.ops.layernorm import interface as layernorm_fused  # noqa: E402
+from nnunetv2_sa_umamba.ops.layernorm import layer_norm, layer_norm_gate  # noqa: E402
+from nnunetv2_sa_umamba.ops.layernorm.kernels import backward_tile_shape, tile_shape  # noqa: E402
+from nnunetv2_sa_umamba.ops.policy import KernelPolicy  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # the last PatchExpand's C, SS2D's d_inner at stage 1, and one that is not a power of two
@@ -24,11 +24,6 @@ LEADING = (3, 7, 13)
 # two bfloat16 roundings (silu(z), then the gate's product), each up to one ulp: Triton's interpreter truncates
 # float32 -> bfloat16 where the GPU and PyTorch round to nearest
 BF16_TOLERANCE = {"rtol": 2 ** -6, "atol": 1e-3}
-
-
-@pytest.fixture
-def fused(monkeypatch):
-    monkeypatch.setenv(ENV_VAR, "triton")
 
 
 def _norm(channels: int, seed: int = 0) -> nn.LayerNorm:
@@ -50,7 +45,7 @@ def _run(fn, norm: nn.LayerNorm, x: torch.Tensor, grad: torch.Tensor):
 
 
 def _fused_norm(x, norm, **kwargs):
-    out = layer_norm(x, norm, **kwargs)
+    out = layer_norm(x, norm, kernels="triton", **kwargs)
     assert type(out.grad_fn).__name__ == "_LayerNormBackward", "the kernels did not run"
     return out
 
@@ -59,7 +54,7 @@ def _fused_gate(wide, norm, **kwargs):
     """The gate of the two halves of ``wide`` (..., 2C): z is a non-contiguous view with row stride 2C."""
     y, z = wide.chunk(2, dim=-1)
     assert not z.is_contiguous()
-    out = layer_norm_gate(y, z, norm, **kwargs)
+    out = layer_norm_gate(y, z, norm, kernels="triton", **kwargs)
     assert type(out.grad_fn).__name__ == "_LayerNormGateBackward", "the kernels did not run"
     return out
 
@@ -88,7 +83,7 @@ def test_tiles_of_the_test_shapes_are_partial():
 
 @pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("leading", [(LEADING[0] * LEADING[1] * LEADING[2],), LEADING])
-def test_layer_norm_matches_pytorch(fused, channels, leading):
+def test_layer_norm_matches_pytorch(channels, leading):
     """(N, C) and (B, H, W, C) inputs, float32."""
     norm = _norm(channels)
     x = torch.randn(*leading, channels, device=DEVICE) * 2 + 0.5
@@ -98,7 +93,7 @@ def test_layer_norm_matches_pytorch(fused, channels, leading):
     _assert_all_close((out, *grads), (out_ref, *grads_ref))
 
 
-def test_layer_norm_of_a_channel_last_view(fused):
+def test_layer_norm_of_a_channel_last_view():
     """x (B, H, W, C) as a permuted (B, C, H, W) tensor: the last dimension has stride H*W."""
     norm = _norm(24)
     x = torch.randn(2, 24, 5, 7, device=DEVICE).permute(0, 2, 3, 1)
@@ -109,7 +104,7 @@ def test_layer_norm_of_a_channel_last_view(fused):
 
 
 @pytest.mark.parametrize("channels", CHANNELS)
-def test_gate_matches_pytorch(fused, channels):
+def test_gate_matches_pytorch(channels):
     """y and z the halves of a (B, H, W, 2C) tensor, as SS2D's in_proj output: the gradient of both."""
     norm = _norm(channels)
     wide = torch.randn(*LEADING, 2 * channels, device=DEVICE) * 2
@@ -134,7 +129,7 @@ EDGE_SHAPES = [(2, 24), (5, 100), (3, 1536), (7, 1536)]
 
 @pytest.mark.parametrize("gate", [False, True], ids=["layer_norm", "gate"])
 @pytest.mark.parametrize("rows,channels", EDGE_SHAPES)
-def test_tile_edges_match_pytorch(fused, rows, channels, gate):
+def test_tile_edges_match_pytorch(rows, channels, gate):
     block_rows, _, _, tiles_per_program = backward_tile_shape(channels)
     if channels == 1536:
         assert block_rows == 1 and tiles_per_program > 1 and rows % tiles_per_program
@@ -148,7 +143,7 @@ def test_tile_edges_match_pytorch(fused, rows, channels, gate):
 
 
 @pytest.mark.parametrize("gate", [False, True], ids=["layer_norm", "gate"])
-def test_bfloat16_output_is_the_float32_result_rounded(fused, gate):
+def test_bfloat16_output_is_the_float32_result_rounded(gate):
     norm = _norm(100)
     fused_fn, reference_fn, width = _op(norm, gate, out_dtype=torch.bfloat16)
     inputs = torch.randn(*LEADING, width * 100, device=DEVICE)
@@ -162,7 +157,7 @@ def test_bfloat16_output_is_the_float32_result_rounded(fused, gate):
 
 
 @pytest.mark.parametrize("gate", [False, True], ids=["layer_norm", "gate"])
-def test_bfloat16_inputs_with_float32_parameters(fused, gate):
+def test_bfloat16_inputs_with_float32_parameters(gate):
     """x (or y, z) bf16: the result in bf16 as nn.LayerNorm's mixed-dtype kernel gives it; float32 parameter
     gradients; input gradients in bf16."""
     norm = _norm(96)
@@ -180,7 +175,7 @@ def test_bfloat16_inputs_with_float32_parameters(fused, gate):
     _assert_all_close((grad_weight, grad_bias), (grad_weight_ref, grad_bias_ref), 1e-2 if gate else 1e-5)
 
 
-def test_default_dtypes_follow_autocast(fused):
+def test_default_dtypes_follow_autocast():
     """Under autocast: the same dtype and values as nn.LayerNorm and the PyTorch gate expression (float32 on
     CUDA, whose autocast runs layer_norm in float32; bf16 on the CPU, whose autocast leaves it alone)."""
     norm = _norm(24)
@@ -196,7 +191,7 @@ def test_default_dtypes_follow_autocast(fused):
             torch.testing.assert_close(out, ref, rtol=2 ** -5, atol=1e-3)
 
 
-def test_kernels_run_under_deterministic_algorithms(fused):
+def test_kernels_run_under_deterministic_algorithms():
     """dweight and dbias come from partial sums added by torch, not atomics: the same bits every run."""
     norm = _norm(24)
     x = torch.randn(*LEADING, 24, device=DEVICE)
@@ -211,10 +206,8 @@ def test_kernels_run_under_deterministic_algorithms(fused):
         assert torch.equal(first, second)
 
 
-def test_pytorch_operations_under_env_torch(monkeypatch):
-    """SAUMAMBA_FUSED_KERNELS=torch: the PyTorch expressions themselves, bit for bit, and no kernel."""
-    monkeypatch.setenv(ENV_VAR, "torch")
-
+def test_pytorch_operations_for_kernels_torch(monkeypatch):
+    """kernels="torch": the PyTorch expressions themselves, bit for bit, and no kernel."""
     def no_kernels():
         raise AssertionError("the Triton kernels were loaded")
 
@@ -224,17 +217,18 @@ def test_pytorch_operations_under_env_torch(monkeypatch):
     wide = torch.randn(*LEADING, 200, device=DEVICE)
     grad = torch.randn(x.shape, device=DEVICE)
     for fn, reference_fn, inputs in (
-            (lambda t: layer_norm(t, norm), norm, x),
-            (lambda t: layer_norm_gate(*t.chunk(2, dim=-1), norm), lambda t: _reference_gate(t, norm), wide)):
+            (lambda t: layer_norm(t, norm, kernels="torch"), norm, x),
+            (lambda t: layer_norm_gate(*t.chunk(2, dim=-1), norm, kernels="torch"), lambda t: _reference_gate(t, norm),
+             wide)):
         out, grads = _run(fn, norm, inputs, grad)
         out_ref, grads_ref = _run(reference_fn, norm, inputs, grad)
         for a, b in zip((out, *grads), (out_ref, *grads_ref)):
             assert torch.equal(a, b)
-    assert layer_norm(x, norm, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert layer_norm(x, norm, out_dtype=torch.bfloat16, kernels="torch").dtype == torch.bfloat16
 
 
 @pytest.mark.cuda
-def test_full_size_under_bf16_autocast(fused):
+def test_full_size_under_bf16_autocast():
     """SS2D's stage-1 gate and a LayerNorm at 28 x 64 x 64 rows x 192 channels, bf16 autocast, against PyTorch."""
     norm = _norm(192)
     x = torch.randn(28, 64, 64, 192, device="cuda").bfloat16()
@@ -260,14 +254,14 @@ def test_full_size_under_bf16_autocast(fused):
     assert max(errors["gate"]) < 1e-2
 
 
-def test_network_layer_norm_runs_fused_only_on_the_fast_path(fused):
+def test_network_layer_norm_runs_fused_only_on_the_fast_path():
     """blocks.LayerNorm sends the fast path's rows, short and long (the final PatchExpand's 24 channels, PatchMerging's
     1536), to the kernels, with nn.LayerNorm's values; the reference implementation never uses the kernels."""
     from nnunetv2_sa_umamba.modules.blocks import LayerNorm
 
     for channels, implementation, expect_fused in ((24, "fast", True), (1536, "fast", True),
                                                    (24, "reference", False), (1536, "reference", False)):
-        norm = LayerNorm(channels, implementation).to(DEVICE)
+        norm = LayerNorm(channels, KernelPolicy(implementation=implementation, layernorm="triton")).to(DEVICE)
         with torch.no_grad():
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-0.5, 0.5)
@@ -278,18 +272,18 @@ def test_network_layer_norm_runs_fused_only_on_the_fast_path(fused):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_network_layer_norm_is_left_to_torch_compile_while_it_traces(fused, monkeypatch):
+def test_network_layer_norm_is_left_to_torch_compile_while_it_traces(monkeypatch):
     """Under torch.compile's tracing the fast path's LayerNorm is PyTorch's (Inductor fuses it), not the kernel,
     whose op would break the compiled graph."""
     from nnunetv2_sa_umamba.modules.blocks import LayerNorm
 
-    norm = LayerNorm(96).to(DEVICE)
+    norm = LayerNorm(96, KernelPolicy(layernorm="triton")).to(DEVICE)
     x = torch.randn(2, 3, 96, device=DEVICE, requires_grad=True)
     assert type(norm(x).grad_fn).__name__ == "_LayerNormBackward"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert type(norm(x).grad_fn).__name__ == "NativeLayerNormBackward0"
 
 
-def test_wrong_channel_count_is_refused_as_pytorch_refuses_it(fused):
+def test_wrong_channel_count_is_refused_as_pytorch_refuses_it():
     with pytest.raises(RuntimeError, match=r"expected input with shape \[\*, 24\]"):
-        layer_norm(torch.randn(4, 16, device=DEVICE), _norm(24).to(DEVICE))
+        layer_norm(torch.randn(4, 16, device=DEVICE), _norm(24).to(DEVICE), kernels="triton")

@@ -6,7 +6,9 @@ from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
 from nnunetv2_sa_umamba.modules.blocks import RSSSBlock, VSSBlock
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
 from nnunetv2_sa_umamba.modules.ss2d import SS2D
+from nnunetv2_sa_umamba.ops.policy import KernelPolicy
 
+REFERENCE, FAST = KernelPolicy(implementation="reference"), KernelPolicy()
 SMALL = dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), decoder_depths=(1, 1, 1, 1))
 
 
@@ -122,29 +124,28 @@ def _assert_same_forward_and_gradients(reference: torch.nn.Module, fast: torch.n
 
 def test_fast_ss2d_matches_reference():
     torch.manual_seed(0)
-    _assert_same_forward_and_gradients(SS2D(16, implementation="reference"), SS2D(16, implementation="fast"),
+    _assert_same_forward_and_gradients(SS2D(16, kernels=REFERENCE), SS2D(16, kernels=FAST),
                                        torch.randn(2, 6, 10, 16))
 
 
 def test_fast_rfaconv_matches_reference():
     # float64: in training mode the pre-BatchNorm bias has an exactly-zero gradient, so float32 compares noise
     torch.manual_seed(0)
-    _assert_same_forward_and_gradients(RFAConv(8, implementation="reference").double(),
-                                       RFAConv(8, implementation="fast").double(),
+    _assert_same_forward_and_gradients(RFAConv(8, kernels=REFERENCE).double(), RFAConv(8, kernels=FAST).double(),
                                        torch.randn(2, 8, 7, 9, dtype=torch.float64))
 
 
 def test_fast_network_matches_reference_network():
     torch.manual_seed(0)
-    reference = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, implementation="reference", **SMALL)
-    fast = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, implementation="fast", **SMALL)
+    reference = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, kernels=REFERENCE, **SMALL)
+    fast = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, kernels=FAST, **SMALL)
     # BatchNorm on running statistics: see test_fast_rfaconv_matches_reference for training mode
     _assert_same_forward_and_gradients(reference.eval(), fast.eval(), torch.randn(2, 3, 32, 64))
 
 
 def test_unknown_implementation_is_rejected():
     with pytest.raises(ValueError, match="implementation"):
-        SAUMamba(implementation="turbo")
+        SAUMamba(kernels=KernelPolicy(implementation="turbo"))
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -171,8 +172,8 @@ def test_full_network_forward_backward_on_cuda(autocast_dtype, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     device = torch.device("cuda")
-    reference = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, implementation="reference").to(device)
-    fast = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, implementation="fast").to(device)
+    reference = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, kernels=REFERENCE).to(device)
+    fast = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, kernels=FAST).to(device)
     fast.load_state_dict(reference.state_dict())
     reference.eval(), fast.eval()
     x = torch.randn(2, 3, 128, 160, device=device)

@@ -4,6 +4,7 @@ On a CPU machine the kernels run in Triton's interpreter (TRITON_INTERPRET=1, se
 on a GPU the same tests run the compiled kernels, plus a full-size bf16 check marked ``cuda``.
 """
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,20 +13,17 @@ pytest.importorskip("triton")
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv  # noqa: E402
-from nnunetv2_sa_umamba.ops import rfaconv_fused  # noqa: E402
-from nnunetv2_sa_umamba.ops.triton_dispatch import ENV_VAR  # noqa: E402
+from nnunetv2_sa_umamba.ops.policy import KernelPolicy  # noqa: E402
+from nnunetv2_sa_umamba.ops.rfaconv import interface as rfaconv_fused  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture
-def fused(monkeypatch):
-    monkeypatch.setenv(ENV_VAR, "triton")
+FUSED = KernelPolicy(rfaconv="triton")
 
 
 def _pair(channels: int, seed: int = 0):
+    """The same RFAConv with the fused kernels and with the released code's operations."""
     torch.manual_seed(seed)
-    fast = RFAConv(channels, implementation="fast").to(DEVICE)
+    fast = RFAConv(channels, kernels=FUSED).to(DEVICE)
     with torch.no_grad():  # non-trivial BN affine parameters and running statistics
         for bn in (fast.feature_norm, fast.out_norm):
             bn.weight.uniform_(0.5, 1.5)
@@ -33,7 +31,7 @@ def _pair(channels: int, seed: int = 0):
             bn.running_mean.uniform_(-0.2, 0.2)
             bn.running_var.uniform_(0.5, 2.0)
     reference = copy.deepcopy(fast)
-    reference.implementation = "reference"
+    reference.kernels = KernelPolicy(implementation="reference")
     return fast, reference
 
 
@@ -54,7 +52,7 @@ def _run(module, x, grad, channels_last):
 
 @pytest.mark.parametrize("shape", [(2, 7, 9, 16), (1, 5, 5, 20), (3, 1, 6, 8)])
 @pytest.mark.parametrize("train", [True, False])
-def test_fused_matches_reference(fused, shape, train):
+def test_fused_matches_reference(shape, train):
     """Channel counts not a multiple of the kernels' block, one-row images, train and eval BN."""
     fast, reference = _pair(shape[-1])
     fast.train(train)
@@ -62,9 +60,7 @@ def test_fused_matches_reference(fused, shape, train):
     x = torch.randn(shape, device=DEVICE)
     grad = torch.randn(shape, device=DEVICE)
     y_fast, gx_fast, grads_fast = _run(fast, x, grad, channels_last=True)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(ENV_VAR, "torch")
-        y_ref, gx_ref, grads_ref = _run(reference, x, grad, channels_last=True)
+    y_ref, gx_ref, grads_ref = _run(reference, x, grad, channels_last=True)
     assert _max_rel(y_fast, y_ref) < 1e-5
     assert _max_rel(gx_fast, gx_ref) < 1e-5
     scale = max(g.abs().max().item() for g in grads_ref.values())
@@ -76,26 +72,28 @@ def test_fused_matches_reference(fused, shape, train):
                                    rtol=1e-5, atol=1e-7)
 
 
-def test_nchw_interface_matches_channels_last(fused):
+def test_nchw_interface_matches_channels_last():
     fast, _ = _pair(16)
     x = torch.randn(2, 6, 7, 16, device=DEVICE)
     torch.testing.assert_close(fast(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), fast(x, channels_last=True))
 
 
-def test_network_with_fused_rfaconv_matches_unfused(fused, monkeypatch):
-    """The whole network, fused vs unfused RFAConv (same SS2D path), output and every parameter gradient.
+def test_network_with_fused_rfaconv_matches_unfused(monkeypatch):
+    """The whole network, fused vs unfused RFAConv and nothing else switched (the other operators run PyTorch's
+    operations in both), output and every parameter gradient.
     (float32 matmuls are full precision by default; cuDNN convolutions need TF32 turned off.)"""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    torch.manual_seed(0)
-    fast = SAUMamba(3, 2, dims=(16, 32, 64, 128), drop_path_rate=0.0, scan_backend="torch").to(DEVICE)
-    unfused = copy.deepcopy(fast)
+    others = KernelPolicy(scan="torch", rfaconv="torch", layernorm="torch", cross_scan="torch")
+    networks = []
+    for kernels in (replace(others, rfaconv="triton"), others):
+        torch.manual_seed(0)
+        networks.append(SAUMamba(3, 2, dims=(16, 32, 64, 128), drop_path_rate=0.0, kernels=kernels).to(DEVICE))
+    fast, unfused = networks
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     y_fast = fast(x)
     y_fast.square().mean().backward()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(ENV_VAR, "torch")
-        y_ref = unfused(x)
-        y_ref.square().mean().backward()
+    y_ref = unfused(x)
+    y_ref.square().mean().backward()
     assert _max_rel(y_fast, y_ref) < 1e-4
     checked = 0
     for (name, p_fast), (_, p_ref) in zip(fast.named_parameters(), unfused.named_parameters()):
@@ -105,7 +103,7 @@ def test_network_with_fused_rfaconv_matches_unfused(fused, monkeypatch):
     assert checked > 100
 
 
-def test_half_precision_module_gets_half_gradients(fused):
+def test_half_precision_module_gets_half_gradients():
     """A module converted with .half() (no autocast): outputs close to float32, gradients in the params' dtype."""
     fast, _ = _pair(16)
     half = copy.deepcopy(fast).half()
@@ -119,7 +117,7 @@ def test_half_precision_module_gets_half_gradients(fused):
     assert _max_rel(gx16.float(), gx32) < 2e-2
 
 
-def test_single_value_per_channel_is_refused_before_statistics_change(fused):
+def test_single_value_per_channel_is_refused_before_statistics_change():
     fast, _ = _pair(8)
     before = {k: v.clone() for k, v in fast.feature_norm.state_dict().items()}
     with pytest.raises(ValueError, match="more than 1 value per channel"):
@@ -128,7 +126,7 @@ def test_single_value_per_channel_is_refused_before_statistics_change(fused):
         assert torch.equal(value, before[key]), key
 
 
-def test_eval_output_survives_a_training_step_before_its_backward(fused):
+def test_eval_output_survives_a_training_step_before_its_backward():
     """With one channel the running mean's (9, 1) view is already contiguous: the saved copy must not alias it."""
     fast, _ = _pair(1)
     x = torch.randn(2, 4, 4, 1, device=DEVICE, requires_grad=True)
@@ -140,42 +138,39 @@ def test_eval_output_survives_a_training_step_before_its_backward(fused):
     assert torch.isfinite(x.grad).all()
 
 
-def test_fallbacks_to_pytorch_operations(fused):
+def test_fallbacks_to_pytorch_operations():
     fast, _ = _pair(8)
     x = torch.randn(2, 4, 4, 8, device=DEVICE)
-    assert rfaconv_fused.use_fused(x, fast)
-    assert not rfaconv_fused.use_fused(x.double(), fast)  # the kernels accumulate in float32
+    assert rfaconv_fused.use_fused(x, "triton", fast)
+    assert not rfaconv_fused.use_fused(x.double(), "triton", fast)  # the kernels accumulate in float32
     torch.use_deterministic_algorithms(True)
     try:
-        assert not rfaconv_fused.use_fused(x, fast)  # the kernels reduce with atomic adds
+        assert not rfaconv_fused.use_fused(x, "triton", fast)  # the kernels reduce with atomic adds
     finally:
         torch.use_deterministic_algorithms(False)
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fast))
-    assert not rfaconv_fused.use_fused(x, synced)  # multi-GPU statistics stay synchronised
-    assert rfaconv_fused.use_fused(x, synced.eval())
+    assert not rfaconv_fused.use_fused(x, "triton", synced)  # multi-GPU statistics stay synchronised
+    assert rfaconv_fused.use_fused(x, "triton", synced.eval())
 
 
 def test_backend_choice(monkeypatch):
     x = torch.zeros(1, 4, 4, 8, device=DEVICE)
-    monkeypatch.setenv(ENV_VAR, "torch")
-    assert not rfaconv_fused.use_fused(x)
-    monkeypatch.setenv(ENV_VAR, "auto")
-    assert rfaconv_fused.use_fused(x) == (DEVICE.type == "cuda")
-    monkeypatch.setenv(ENV_VAR, "fastest")
+    assert not rfaconv_fused.use_fused(x, "torch")
+    assert rfaconv_fused.use_fused(x, "auto") == (DEVICE.type == "cuda")
+    monkeypatch.setenv("SAUMAMBA_FUSED_KERNELS", "fastest")
     with pytest.raises(ValueError, match="SAUMAMBA_FUSED_KERNELS"):
-        rfaconv_fused.use_fused(x)
-    monkeypatch.setenv(ENV_VAR, "triton")
+        RFAConv(8)  # the module reads its policy at construction
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cpu_x = x.cpu()
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        rfaconv_fused.use_fused(cpu_x)
+        rfaconv_fused.use_fused(cpu_x, "triton")
 
 
 def test_matrix_product_features_match_multiply_adds():
     """The kernels that compute f as matrix products under autocast ("tf32", DOT_CONFIGS' tiles) against the
     multiply-add form ("ieee", CONFIGS' tiles), on the same inputs. Triton's CPU interpreter multiplies in float32
     either way, so the two must agree to rounding there; on the GPU TF32 rounds f to ~1e-3."""
-    from nnunetv2_sa_umamba.ops import rfaconv_triton as kernels
+    from nnunetv2_sa_umamba.ops.rfaconv import kernels
     torch.manual_seed(0)
     x = torch.randn(2, 7, 9, 20, device=DEVICE)
     wf = torch.randn(9, 9, 20, device=DEVICE) * 0.3
@@ -204,11 +199,9 @@ def test_fused_full_size_on_cuda(dtype, monkeypatch):
     autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
     with autocast:
         fused_result = _run(fast, x, grad, channels_last=True)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(ENV_VAR, "torch")
-        with autocast:
-            reference_result = _run(reference, x, grad, channels_last=True)
-        exact_result = _run(exact, x.double(), grad.double(), channels_last=True)
+    with autocast:
+        reference_result = _run(reference, x, grad, channels_last=True)
+    exact_result = _run(exact, x.double(), grad.double(), channels_last=True)
 
     def errors(result):
         # relative to the norm: a ReLU whose input is within rounding of 0 flips for a few of the 11 M values,

@@ -1,4 +1,4 @@
-"""The ``triton`` selective-scan backend (ops/scan_triton.py) against the sequential reference.
+"""The ``triton`` selective-scan backend (ops/scan/triton_backend.py, kernels.py) against the sequential reference.
 
 On machines without a GPU the kernels run in Triton's interpreter (tests/conftest.py turns it on), with small
 chunks so that short sequences still cross several chunk boundaries. CUDA tests (marked ``cuda``) print their
@@ -7,10 +7,11 @@ largest errors; run them with ``pytest -m cuda -s``.
 import pytest
 import torch
 
-from nnunetv2_sa_umamba.ops import scan_triton
-from nnunetv2_sa_umamba.ops import selective_scan as dispatch
-from nnunetv2_sa_umamba.ops.selective_scan import resolve_backend, selective_scan
-from nnunetv2_sa_umamba.ops.scan_cuda import kernel_available
+from nnunetv2_sa_umamba.ops.policy import SCAN_ENV_CHOICES, SCAN_ENV_VAR, kernel_policy
+from nnunetv2_sa_umamba.ops.scan import interface as dispatch
+from nnunetv2_sa_umamba.ops.scan import kernels as scan_kernels
+from nnunetv2_sa_umamba.ops.scan import resolve_backend, selective_scan
+from nnunetv2_sa_umamba.ops.scan.cuda_backend import kernel_available
 from test_selective_scan import make_inputs, rel_err, report, run, with_dtype
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,7 +33,7 @@ CASES = [  # batch, dim, L, N, groups, use D, use delta_bias, softplus
 @pytest.fixture
 def short_chunks(monkeypatch):
     """Chunks of 8 steps: every case crosses chunk boundaries, as the network's sequences do."""
-    monkeypatch.setattr(scan_triton, "MAX_BLOCK_L", 8)
+    monkeypatch.setattr(scan_kernels, "MAX_BLOCK_L", 8)
 
 
 @pytest.mark.parametrize("batch,dim,length,d_state,groups,use_D,use_bias,softplus", CASES)
@@ -89,9 +90,9 @@ def test_large_steps_stay_finite(short_chunks):
 
 def test_tile_shape_keeps_a_program_inside_one_group():
     for length, channels_per_group in ((4096, 192), (64, 1536), (7, 6), (100, 1)):
-        block_d, block_l = scan_triton.tile_shape(length, 16, channels_per_group)
+        block_d, block_l = scan_kernels.tile_shape(length, 16, channels_per_group)
         assert channels_per_group % block_d == 0
-        assert block_l >= min(length, scan_triton.MAX_BLOCK_L) and block_l & (block_l - 1) == 0
+        assert block_l >= min(length, scan_kernels.MAX_BLOCK_L) and block_l & (block_l - 1) == 0
 
 
 def test_non_power_of_two_state_is_refused():
@@ -116,10 +117,10 @@ def test_triton_backend_without_gpu_or_interpreter_explains(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_importable", lambda: False)
     with pytest.raises(RuntimeError, match="Triton is not installed"):
         resolve_backend("cpu", "triton")
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    assert "triton" in dispatch.ENV_CHOICES
+    monkeypatch.setenv(SCAN_ENV_VAR, "triton")
+    assert "triton" in SCAN_ENV_CHOICES
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
-        resolve_backend("cpu")
+        resolve_backend("cpu", kernel_policy().scan)
 
 
 # ---- on the GPU, at the network's shapes (smaller batch) ----

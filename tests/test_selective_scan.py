@@ -9,12 +9,14 @@ from functools import partial
 import pytest
 import torch
 
-from nnunetv2_sa_umamba.ops import scan_cuda, selective_scan as dispatch
-from nnunetv2_sa_umamba.ops.scan_torch import selective_scan_reference, selective_scan_torch
-from nnunetv2_sa_umamba.ops.selective_scan import (available_backends, resolve_backend, selective_scan,
-                                                   selective_scan_lowrank_delta)
-
-ENV = dispatch.ENV_VAR
+from nnunetv2_sa_umamba.ops.policy import SCAN_ENV_VAR as ENV
+from nnunetv2_sa_umamba.ops.policy import kernel_policy
+from nnunetv2_sa_umamba.ops.scan import (available_backends, resolve_backend, selective_scan,
+                                         selective_scan_lowrank_delta)
+from nnunetv2_sa_umamba.ops.scan import cuda_backend as scan_cuda
+from nnunetv2_sa_umamba.ops.scan import interface as dispatch
+from nnunetv2_sa_umamba.ops.scan.reference import selective_scan_reference
+from nnunetv2_sa_umamba.ops.scan.torch_backend import selective_scan_torch
 
 
 def make_inputs(batch=2, dim=8, length=37, d_state=4, groups=2, dtype=torch.float64, device="cpu",
@@ -162,8 +164,7 @@ def test_opcheck_torch_op():
                           (torch.randn_like(y), u, delta, A, B, C, states, 5))
 
 
-def test_compile_keeps_scan_in_one_graph_cpu(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+def test_compile_keeps_scan_in_one_graph_cpu():
     inputs = {k: v.float() for k, v in make_inputs().items()}
 
     def f(u, delta, A, B, C, D, delta_bias):
@@ -182,23 +183,25 @@ def test_compile_keeps_scan_in_one_graph_cpu(monkeypatch):
 # ---- backend selection and logging ----
 
 def test_resolve_backend_defaults_and_env(monkeypatch):
+    """The environment variable reaches the scan through the kernel policy, never directly."""
     monkeypatch.delenv(ENV, raising=False)
     assert resolve_backend("cpu") == "torch"
     monkeypatch.setenv(ENV, "auto")
-    assert resolve_backend("cpu") == "torch"
+    assert resolve_backend("cpu", kernel_policy().scan) == "torch"
     monkeypatch.setenv(ENV, "TORCH")
-    assert resolve_backend(torch.device("cpu")) == "torch"
-    assert resolve_backend("cpu", "reference") == "reference"  # the argument wins over the variable
+    assert resolve_backend(torch.device("cpu"), kernel_policy().scan) == "torch"
+    # the argument wins over the variable
+    assert resolve_backend("cpu", kernel_policy(scan="reference").scan) == "reference"
     for value in ("reference", "mamba"):  # the reference is not a user setting
         monkeypatch.setenv(ENV, value)
         with pytest.raises(ValueError, match=f"{ENV}='{value}'"):
-            resolve_backend("cpu")
+            kernel_policy()
+        assert resolve_backend("cpu") == "torch"  # the scan itself does not read the variable
     with pytest.raises(ValueError, match="unknown selective-scan backend 'fast'"):
         resolve_backend("cpu", "fast")
 
 
 def test_auto_picks_kernel_only_for_cuda_tensors_with_kernel(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setattr(scan_cuda, "kernel_available", lambda: True)
     assert resolve_backend("cuda:0") == "cuda"
     assert resolve_backend("cpu") == "torch"
@@ -212,13 +215,10 @@ def test_auto_picks_kernel_only_for_cuda_tensors_with_kernel(monkeypatch):
 
 @pytest.mark.parametrize("via_env", [False, True])
 def test_cuda_backend_on_cpu_explains_how_to_install(monkeypatch, via_env):
-    if via_env:
-        monkeypatch.setenv(ENV, "cuda")
-    else:
-        monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(ENV, "cuda" if via_env else "auto")
     inputs = {k: v.float() for k, v in make_inputs().items()}
     with pytest.raises(RuntimeError) as err:
-        selective_scan(**inputs, backend=None if via_env else "cuda")
+        selective_scan(**inputs, backend=kernel_policy().scan if via_env else "cuda")
     message = str(err.value)
     assert "not on a CUDA device" in message
     assert 'MAMBA_FORCE_BUILD=TRUE pip install -e ".[cuda]"' in message
@@ -233,7 +233,6 @@ def test_available_backends_lists_what_runs_here():
 
 
 def test_backend_is_logged_once(monkeypatch, caplog):
-    monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setattr(dispatch, "_logged", set())
     inputs = {k: v.float() for k, v in make_inputs(length=5).items()}
     with caplog.at_level(logging.INFO, logger="nnunetv2_sa_umamba"):
@@ -398,8 +397,7 @@ def test_cuda_lowrank_delta_matches_torch_backend(dtype, tol):
 
 @pytest.mark.cuda
 @needs_kernel
-def test_compile_keeps_cuda_scan_in_one_graph(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+def test_compile_keeps_cuda_scan_in_one_graph():
     inputs = make_inputs(2, 64, 256, 16, 4, dtype=torch.float32, device="cuda")
     assert resolve_backend(inputs["u"].device) == "cuda"
 

@@ -131,8 +131,8 @@ def test_architecture_variants(nnunet_folders):
     assert sum(p.numel() for n, p in vm_unet.named_parameters() if not n.startswith("deep")) == 27_427_561 - 25 + 50
     rsss_decoder = build_from_trainer(make_trainer(nnUNetTrainerSAUMambaRSSSDecoder))
     assert sum(isinstance(m, RFAConv) for m in rsss_decoder.modules()) == 15
-    assert build_from_trainer(make_trainer(nnUNetTrainerSAUMambaReference)).implementation == "reference"
-    assert build_from_trainer(make_trainer(nnUNetTrainerSAUMamba)).implementation == "fast"
+    assert build_from_trainer(make_trainer(nnUNetTrainerSAUMambaReference)).kernels.implementation == "reference"
+    assert build_from_trainer(make_trainer(nnUNetTrainerSAUMamba)).kernels.implementation == "fast"
 
 
 def test_imagenet_variant_needs_a_readable_checkpoint(nnunet_folders, monkeypatch):

@@ -1,6 +1,8 @@
 """SA-UMamba (Liu et al., PLoS One 2025): RSSS encoder, VSS decoder, additive skips.
 
-With ``rfac=False, residual_scale=False`` it is VM-UNet. See shared/DESIGN.md sections 1-2 for shapes.
+With ``rfac=False, residual_scale=False`` it is VM-UNet. Shapes for a 3 x 256 x 256 input: patch embedding to
+64 x 64 x 96, three PatchMerging steps to 8 x 8 x 768, the decoder back up to 64 x 64 x 96, a 4x expand to
+256 x 256 x 24 and a 1x1 conv head.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_sa_umamba.modules.blocks import PatchEmbed, PatchExpand, PatchMerging, RSSSBlock, VSSBlock
-from nnunetv2_sa_umamba.modules.ss2d import check_implementation
+from nnunetv2_sa_umamba.ops.policy import KernelPolicy, kernel_policy
 
 PATCH_SIZE = 4
 DECODER_BLOCK_TYPES = ("vss", "rsss")
@@ -52,13 +54,16 @@ class SAUMamba(nn.Module):
     full resolution, then the outputs of decoder stages 3, 2, 1 at 1/4, 1/8 and 1/16 of the input
     (``output_scales()``), each from a 1x1 conv head. The heads always exist, so checkpoints load
     strictly whether or not deep supervision is used.
+
+    ``kernels``: which kernels every module runs (``KernelPolicy``); by default ``kernel_policy()``, which reads
+    ``SAUMAMBA_SCAN_BACKEND`` and ``SAUMAMBA_FUSED_KERNELS`` here, once, and rejects bad values.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1,
                  dims: Sequence[int] = (96, 192, 384, 768), depths: Sequence[int] = (2, 2, 2, 2),
                  decoder_depths: Sequence[int] = (2, 2, 2, 1), d_state: int = 16, drop_path_rate: float = 0.2,
                  rfac: bool = True, residual_scale: bool = True, decoder_block: str = "vss",
-                 deep_supervision: bool = False, implementation: str = "fast", scan_backend: str | None = None):
+                 deep_supervision: bool = False, kernels: KernelPolicy | None = None):
         super().__init__()
         if len(dims) != 4 or len(depths) != 4 or len(decoder_depths) != 4:
             raise ValueError("dims, depths and decoder_depths need 4 entries each (four resolutions)")
@@ -67,24 +72,24 @@ class SAUMamba(nn.Module):
         self.in_channels, self.num_classes = in_channels, num_classes
         self.dims = tuple(dims)
         self.deep_supervision = deep_supervision
-        self.implementation = check_implementation(implementation)
+        kernels = kernels or kernel_policy()
+        self.kernels = kernels
         self.size_multiple = PATCH_SIZE * 2 ** (len(dims) - 1)
 
         def rsss(dim: int, rate: float) -> nn.Module:
-            return RSSSBlock(dim, rate, d_state, rfac=rfac, residual_scale=residual_scale,
-                             implementation=implementation, scan_backend=scan_backend)
+            return RSSSBlock(dim, rate, d_state, rfac=rfac, residual_scale=residual_scale, kernels=kernels)
 
         def vss(dim: int, rate: float) -> nn.Module:
-            return VSSBlock(dim, rate, d_state, implementation=implementation, scan_backend=scan_backend)
+            return VSSBlock(dim, rate, d_state, kernels=kernels)
 
         decoder_block_fn = vss if decoder_block == "vss" else rsss
 
-        self.patch_embed = PatchEmbed(in_channels, dims[0], PATCH_SIZE, implementation)
+        self.patch_embed = PatchEmbed(in_channels, dims[0], PATCH_SIZE, kernels)
         encoder_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.encoder_stages = nn.ModuleList()
         for i, dim in enumerate(dims):
             rates = encoder_rates[sum(depths[:i]):sum(depths[:i + 1])]
-            downsample = PatchMerging(dim, implementation) if i < len(dims) - 1 else None
+            downsample = PatchMerging(dim, kernels) if i < len(dims) - 1 else None
             self.encoder_stages.append(EncoderStage([rsss(dim, r) for r in rates], downsample))
 
         decoder_dims = list(reversed(dims))
@@ -92,11 +97,11 @@ class SAUMamba(nn.Module):
         self.decoder_stages = nn.ModuleList()
         for u, dim in enumerate(decoder_dims):
             rates = decoder_rates[sum(decoder_depths[:u]):sum(decoder_depths[:u + 1])]
-            upsample = PatchExpand(2 * dim, dim, scale=2, implementation=implementation) if u > 0 else None
+            upsample = PatchExpand(2 * dim, dim, scale=2, kernels=kernels) if u > 0 else None
             self.decoder_stages.append(DecoderStage(upsample, [decoder_block_fn(dim, r) for r in rates]))
 
         final_dim = dims[0] // PATCH_SIZE
-        self.final_expand = PatchExpand(dims[0], final_dim, scale=PATCH_SIZE, implementation=implementation)
+        self.final_expand = PatchExpand(dims[0], final_dim, scale=PATCH_SIZE, kernels=kernels)
         self.head = nn.Conv2d(final_dim, num_classes, 1)
         # on the outputs of decoder stages 3, 2, 1 (1/4, 1/8, 1/16)
         self.deep_supervision_heads = nn.ModuleList(

@@ -8,7 +8,7 @@ The last convolution sees each 3x3 block of the rearranged map exactly once, so 
 over the 9C channels (c, position) of the un-rearranged product; the ``"fast"`` implementation computes it
 that way and never builds the 3H x 3W map, and computes the grouped 1x1 conv of the weight branch (one input
 channel per group) as a broadcast multiply. On CUDA (with Triton) ``"fast"`` runs the whole chain up to the
-last BatchNorm as fused kernels that keep only the input for the backward (ops/rfaconv_fused.py).
+last BatchNorm as fused kernels that keep only the input for the backward (ops/rfaconv/).
 ``"reference"`` runs the released code's operations.
 Parameters: 9C^2 + 111C.
 """
@@ -19,19 +19,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from nnunetv2_sa_umamba.modules.ss2d import check_implementation
-from nnunetv2_sa_umamba.ops import rfaconv_fused
-
-KERNEL_POSITIONS = 9
+from nnunetv2_sa_umamba.ops import rfaconv as rfaconv_op
+from nnunetv2_sa_umamba.ops.common import RFACONV_POSITIONS as KERNEL_POSITIONS
+from nnunetv2_sa_umamba.ops.policy import KernelPolicy, kernel_policy
 
 
 class RFAConv(nn.Module):
-    """(B, C, H, W) -> (B, C, H, W); with ``channels_last=True`` (B, H, W, C) -> (B, H, W, C)."""
+    """(B, C, H, W) -> (B, C, H, W); with ``channels_last=True`` (B, H, W, C) -> (B, H, W, C).
 
-    def __init__(self, channels: int, implementation: str = "fast"):
+    ``kernels``: the kernel policy (its ``implementation`` and ``rfaconv``), by default ``kernel_policy()``."""
+
+    def __init__(self, channels: int, kernels: KernelPolicy | None = None):
         super().__init__()
         self.channels = channels
-        self.implementation = check_implementation(implementation)
+        self.kernels = kernels or kernel_policy()
         c9 = channels * KERNEL_POSITIONS
         self.weight_pool = nn.AvgPool2d(3, stride=1, padding=1)
         self.weight_conv = nn.Conv2d(channels, c9, 1, groups=channels, bias=False)
@@ -41,24 +42,24 @@ class RFAConv(nn.Module):
         self.out_norm = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        if self.implementation == "fast" and rfaconv_fused.use_fused(x, self):
+        if self.kernels.fast and rfaconv_op.use_fused(x, self.kernels.rfaconv, self):
             out = self._forward_fused(x if channels_last else x.permute(0, 2, 3, 1))
             return out if channels_last else out.permute(0, 3, 1, 2)
         if channels_last:
-            # contiguous NCHW: cuDNN's grouped 3x3 conv is ~4x slower on channels_last memory
+            # contiguous NCHW: cuDNN's grouped 3x3 conv is much slower on channels_last memory
             return self._forward_unfused(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
         return self._forward_unfused(x)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         # the permuted view is channels_last memory, which BatchNorm2d handles without a copy
-        out = rfaconv_fused.rfaconv_chain(self, x).permute(0, 3, 1, 2)
+        out = rfaconv_op.rfaconv_chain(self, x).permute(0, 3, 1, 2)
         return F.relu(self.out_norm(out)).permute(0, 2, 3, 1)
 
     def _forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         feature = F.relu(self.feature_norm(self.feature_conv(x))).view(b, c, KERNEL_POSITIONS, h, w)
-        if self.implementation == "reference":
+        if not self.kernels.fast:
             weight = self.weight_conv(self.weight_pool(x)).view(b, c, KERNEL_POSITIONS, h, w).softmax(dim=2)
             unfolded = rearrange(feature * weight, "b c (n1 n2) h w -> b c (h n1) (w n2)", n1=3, n2=3)
             out = self.out_conv(unfolded)

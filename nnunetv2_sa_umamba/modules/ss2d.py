@@ -1,100 +1,33 @@
 """SS2D: VMamba v0's 2D selective-scan module, as used by VM-UNet and SA-UMamba.
 
-Two implementations of the same math, chosen per module with ``implementation``:
+Two implementations of the same math, chosen per module by its kernel policy's ``implementation``:
 
 - ``"reference"``: the released code's operations (stacked/flipped cross-scan copies, einsum projections,
-  float32 scan inputs). Every speedup is measured against it.
+  float32 scan inputs): the baseline the fast path is tested and timed against.
 - ``"fast"``: the same values computed with fewer copies (broadcast matmuls instead of einsums; on CUDA the
-  cross-scan and cross-merge as one Triton kernel each, ops/cross_scan_triton.py, elsewhere one preallocated
-  cross-scan buffer; the output gate out_norm(y) * silu(z) as one op that keeps only y and z,
-  ops/layernorm_fused.py) and, under autocast, 16-bit scan inputs. The scan keeps its state in
-  float32 either way; fp16 autocast runs the scan with bfloat16 inputs because the kernel's fp16 output
-  overflows (scan outputs reach ~1e6).
+  cross-scan and cross-merge as one Triton kernel each, elsewhere one preallocated cross-scan buffer,
+  ops/cross_scan/; the output gate out_norm(y) * silu(z) as one op that keeps only y and z, ops/layernorm/)
+  and, under autocast, 16-bit scan inputs. The scan keeps its state in float32 either way; fp16 autocast runs
+  the scan with bfloat16 inputs because the kernel's fp16 output overflows (scan outputs reach ~1e6).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_sa_umamba.ops.layernorm_fused import layer_norm_gate
-from nnunetv2_sa_umamba.ops.selective_scan import selective_scan, selective_scan_lowrank_delta
-from nnunetv2_sa_umamba.ops.triton_dispatch import matmul_dtype, use_triton
-
-IMPLEMENTATIONS = ("reference", "fast")
-NUM_DIRECTIONS = 4
-
-
-def check_implementation(implementation: str) -> str:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    return implementation
+from nnunetv2_sa_umamba.ops import cross_scan as cross_scan_op
+from nnunetv2_sa_umamba.ops.common import matmul_dtype
+from nnunetv2_sa_umamba.ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
+from nnunetv2_sa_umamba.ops.layernorm import layer_norm_gate
+from nnunetv2_sa_umamba.ops.policy import KernelPolicy, kernel_policy
+from nnunetv2_sa_umamba.ops.scan import selective_scan, selective_scan_lowrank_delta
 
 
-def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major, and both reversed."""
-    b, d, h, w = x.shape
-    xs = x.new_empty(b, NUM_DIRECTIONS, d, h * w)
-    xs[:, 0].view(b, d, h, w).copy_(x)
-    xs[:, 1].view(b, d, w, h).copy_(x.transpose(2, 3))
-    xs[:, 2:] = xs[:, :2].flip(-1)
-    return xs
-
-
-def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, 4, D, H*W) -> (B, D, H*W) in row-major order: the sum of the four directions."""
-    b, _, d, length = ys.shape
-    forward_and_reversed = ys[:, :2] + ys[:, 2:].flip(-1)
-    column_major = forward_and_reversed[:, 1].view(b, d, w, h).transpose(2, 3).reshape(b, d, length)
-    return forward_and_reversed[:, 0] + column_major
-
-
-@functools.cache
-def _triton_cross_scan():
-    from nnunetv2_sa_umamba.ops import cross_scan_triton
-    return cross_scan_triton
-
-
-class _CrossScanFused(torch.autograd.Function):
-    """(B, H, W, D) -> (B, 4, D, H*W) in ``dtype``; the backward is the cross-merge of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        ctx.x_dtype, ctx.hw = x.dtype, x.shape[1:3]
-        return _triton_cross_scan().cross_scan(x.contiguous(), dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _triton_cross_scan().cross_merge(grad.contiguous(), *ctx.hw, ctx.x_dtype), None
-
-
-class _CrossMergeFused(torch.autograd.Function):
-    """(B, 4, D, H*W) -> (B, H, W, D); the backward is the cross-scan of the gradient."""
-
-    @staticmethod
-    def forward(ctx, ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        ctx.ys_dtype = ys.dtype
-        return _triton_cross_scan().cross_merge(ys.contiguous(), h, w, ys.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _triton_cross_scan().cross_scan(grad.contiguous(), ctx.ys_dtype), None, None
-
-
-@torch.compiler.disable
-def _cross_scan_fused(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return _CrossScanFused.apply(x, dtype)
-
-
-@torch.compiler.disable
-def _cross_merge_fused(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    return _CrossMergeFused.apply(ys, h, w)
-
-
-def _scan_dtype(x: torch.Tensor) -> torch.dtype:
+def scan_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the fast path's scan inputs for ``x``: float32, or bfloat16 under any autocast."""
     if not torch.is_autocast_enabled(x.device.type):
         return torch.float32
     # bf16 has float32's range; fp16 scan outputs overflow.
@@ -102,18 +35,20 @@ def _scan_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class SS2D(nn.Module):
-    """(B, H, W, C) -> (B, H, W, C). d_inner D = expand * C, dt_rank R = ceil(C / 16)."""
+    """(B, H, W, C) -> (B, H, W, C). d_inner D = expand * C, dt_rank R = ceil(C / 16).
+
+    ``kernels``: the kernel policy (``implementation``, ``scan``, ``cross_scan``, ``layernorm`` for the output gate),
+    by default ``kernel_policy()``."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: int = 2,
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 implementation: str = "fast", scan_backend: str | None = None):
+                 kernels: KernelPolicy | None = None):
         super().__init__()
         self.d_model = d_model
         self.d_state = d_state
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16)
-        self.implementation = check_implementation(implementation)
-        self.scan_backend = scan_backend
+        self.kernels = kernels or kernel_policy()
         d_inner, dt_rank, k = self.d_inner, self.dt_rank, NUM_DIRECTIONS
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
@@ -138,15 +73,16 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        if self.implementation == "reference":
+        if not self.kernels.fast:
             y = self._forward_core_reference(self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous())))
             return self.out_proj(self.out_norm(y) * F.silu(z))
-        # the channel-last permute is channels_last memory: cuDNN's depthwise conv is ~2x faster on it
+        # the channel-last permute is channels_last memory, on which cuDNN's depthwise conv is faster
         y = self._forward_core_fast(self.act(self.conv2d(x.permute(0, 3, 1, 2))))
         # one kernel on CUDA that keeps only y and z for the backward; rounded once for the projection
-        return self.out_proj(layer_norm_gate(y, z, self.out_norm, matmul_dtype(y)))
+        return self.out_proj(layer_norm_gate(y, z, self.out_norm, matmul_dtype(y), self.kernels.layernorm))
 
-    def _scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scan's A (4D, N), D (4D,) and delta bias (4D,), float32."""
         a = -torch.exp(self.A_logs.float())
         return a, self.Ds.float(), self.dt_projs_bias.float().view(-1)
 
@@ -160,11 +96,11 @@ class SS2D(nn.Module):
         x_dbl = torch.einsum("b k d l, k c d -> b k c l", xs.view(b, k, -1, length), self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("b k r l, k d r -> b k d l", dts.view(b, k, -1, length), self.dt_projs_weight)
-        a, ds, dt_bias = self._scan_parameters()
+        a, ds, dt_bias = self.scan_parameters()
         out_y = selective_scan(
             xs.float().view(b, -1, length), dts.contiguous().float().view(b, -1, length), a,
             bs.float().view(b, k, -1, length), cs.float().view(b, k, -1, length), ds,
-            delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
+            delta_bias=dt_bias, delta_softplus=True, backend=self.kernels.scan,
         ).view(b, k, -1, length)
         inv_y = torch.flip(out_y[:, 2:4], dims=[-1]).view(b, 2, -1, length)
         wh_y = out_y[:, 1].view(b, -1, w, h).transpose(2, 3).contiguous().view(b, -1, length)
@@ -176,23 +112,21 @@ class SS2D(nn.Module):
         """(B, D, H, W) -> (B, H, W, D), same values with fewer copies and 16-bit scan inputs."""
         b, d, h, w = x.shape
         length, k = h * w, NUM_DIRECTIONS
-        dtype = _scan_dtype(x)
-        fused = use_triton(x, NUM_DIRECTIONS * x.numel())
+        dtype = scan_dtype(x)
+        fused = cross_scan_op.use_fused(x, self.kernels.cross_scan)
         # projections run in the scan dtype itself: fp16 autocast would otherwise add cast copies
         with torch.autocast(x.device.type, enabled=False):
             # the conv's output is channels_last memory, so the permute is free
-            xs = _cross_scan_fused(x.permute(0, 2, 3, 1), dtype) if fused else cross_scan(x.to(dtype))
+            xs = cross_scan(x.permute(0, 2, 3, 1), dtype, fused)
             # per-direction projections as broadcast batched matmuls: no einsum permute copies
             x_dbl = torch.matmul(self.x_proj_weight.to(dtype), xs)
             dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
             dt_weight = self.dt_projs_weight.to(dtype)
-        a, ds, dt_bias = self._scan_parameters()
+        a, ds, dt_bias = self.scan_parameters()
         # delta = dt_weight @ dts per direction, inside the scan: its backward recomputes delta (2C rows per
         # direction) from dts (C / 16 rows) instead of keeping it
         ys = selective_scan_lowrank_delta(
             xs.view(b, k * d, length), dts, dt_weight, a, bs.contiguous(), cs.contiguous(), ds,
-            delta_bias=dt_bias, delta_softplus=True, backend=self.scan_backend,
+            delta_bias=dt_bias, delta_softplus=True, backend=self.kernels.scan,
         ).view(b, k, d, length)
-        if fused:
-            return _cross_merge_fused(ys, h, w)
-        return cross_merge(ys, h, w).view(b, d, h, w).permute(0, 2, 3, 1)
+        return cross_merge(ys, h, w, fused)

@@ -19,10 +19,11 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.training.lr_schedule import WarmupDecayLRScheduler, batch_scaled_lr, warmup_epochs_for
-from nnunetv2_sa_umamba.training.nonfinite import NonFiniteTrainingError, SkippedStepCounter
+from nnunetv2_sa_umamba.ops.policy import kernel_policy
 from nnunetv2_sa_umamba.training.cuda_graphs import (disable_inference_graphs, disable_training_graphs,
                                                      enable_inference_graphs, enable_training_graphs)
+from nnunetv2_sa_umamba.training.lr_schedule import WarmupDecayLRScheduler, batch_scaled_lr, warmup_epochs_for
+from nnunetv2_sa_umamba.training.nonfinite import NonFiniteTrainingError, SkippedStepCounter
 
 
 def round_up_patch_size(patch_size, multiple: int) -> list[int]:
@@ -73,7 +74,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         network = SAUMamba(
             in_channels=num_input_channels, num_classes=num_output_channels, rfac=cls.rfac,
             residual_scale=cls.residual_scale, decoder_block=cls.decoder_block,
-            deep_supervision=enable_deep_supervision, implementation=cls.implementation,
+            deep_supervision=enable_deep_supervision, kernels=kernel_policy(cls.implementation),
         )
         # The heads always exist (strict loading in the predictor); frozen when unused so that DDP does not
         # wait for their gradients.

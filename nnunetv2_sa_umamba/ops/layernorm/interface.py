@@ -1,5 +1,5 @@
 """nn.LayerNorm, and SS2D's gate norm(y) * silu(z), as autograd ops over the Triton kernels
-(ops/layernorm_triton.py); ops/triton_dispatch.py decides when they run, PyTorch's operations otherwise.
+(ops/layernorm/kernels.py); PyTorch's operations where the kernels do not run.
 
 Under CUDA autocast PyTorch runs layer_norm in float32, copying every half-precision input to float32 first; the
 kernels read the input as it is, compute in float32 and write the output once in the dtype asked for. The gate
@@ -7,22 +7,15 @@ keeps only y, z and two float32 values per row for its backward.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_sa_umamba.ops.triton_dispatch import KERNEL_DTYPES, use_triton
+from nnunetv2_sa_umamba.ops.common import KERNEL_DTYPES, fused_kernels_run, lazy_module
 
 # a tile holds whole rows in registers
 MAX_CHANNELS = 8192
-
-
-@functools.cache
-def _kernels():
-    from nnunetv2_sa_umamba.ops import layernorm_triton
-    return layernorm_triton
+_kernels = lazy_module("nnunetv2_sa_umamba.ops.layernorm.kernels")
 
 
 def _norm_dtype(x: torch.Tensor) -> torch.dtype:
@@ -38,14 +31,16 @@ def _storage_elements(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes() // t.element_size()
 
 
-def _fused(x: torch.Tensor, norm: nn.LayerNorm, out_dtype: torch.dtype, largest_tensor_elements: int) -> bool:
+def _fused(x: torch.Tensor, norm: nn.LayerNorm, out_dtype: torch.dtype, largest_tensor_elements: int,
+           kernels: str) -> bool:
     """Whether the kernels run ``norm`` on ``x`` (..., C); PyTorch's operations otherwise."""
     affine_over_last_dim = (len(norm.normalized_shape) == 1 and norm.weight is not None and norm.bias is not None
                             and norm.weight.dtype in KERNEL_DTYPES and norm.bias.dtype in KERNEL_DTYPES)
     # a mismatched C falls back, where F.layer_norm names the expected shape
     return (affine_over_last_dim and x.shape[-1] == norm.normalized_shape[0] and 0 < x.shape[-1] <= MAX_CHANNELS
             and x.numel() > 0
-            and out_dtype in KERNEL_DTYPES and use_triton(x, largest_tensor_elements))
+            and out_dtype in KERNEL_DTYPES
+            and fused_kernels_run(kernels, x, largest_tensor_elements, f"LayerNorm with kernels {kernels!r}"))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -100,25 +95,27 @@ def _torch_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
 
 
 @torch.compiler.disable
-def layer_norm(x: torch.Tensor, norm: nn.LayerNorm, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm, out_dtype: torch.dtype | None = None,
+               kernels: str = "auto") -> torch.Tensor:
     """``norm(x)`` for x (..., C): same values as nn.LayerNorm under the current autocast state and, by default,
     its dtype (float32 under CUDA autocast). ``out_dtype`` rounds the float32 result once, e.g. to the autocast
-    dtype where a matmul follows."""
+    dtype where a matmul follows. ``kernels``: "auto", "triton" or "torch" (``KernelPolicy.layernorm``)."""
     out_dtype = out_dtype or _norm_dtype(x)
-    if not _fused(x, norm, out_dtype, max(x.numel(), _storage_elements(x))):
+    if not _fused(x, norm, out_dtype, max(x.numel(), _storage_elements(x)), kernels):
         return _torch_layer_norm(x, norm).to(out_dtype)
     return _LayerNorm.apply(x, norm.weight, norm.bias, norm.eps, out_dtype)
 
 
 @torch.compiler.disable
-def layer_norm_gate(y: torch.Tensor, z: torch.Tensor, norm: nn.LayerNorm,
-                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def layer_norm_gate(y: torch.Tensor, z: torch.Tensor, norm: nn.LayerNorm, out_dtype: torch.dtype | None = None,
+                    kernels: str = "auto") -> torch.Tensor:
     """``norm(y) * F.silu(z)`` for y, z (..., C) of one shape: same values as that expression under the current
     autocast state and, by default, its dtype (float32 under CUDA autocast). z may be a view whose leading
-    dimensions have one row stride, such as a chunk of a wider channel-last tensor; it is read in place."""
+    dimensions have one row stride, such as a chunk of a wider channel-last tensor; it is read in place.
+    ``kernels`` as for ``layer_norm``."""
     out_dtype = out_dtype or torch.promote_types(_norm_dtype(y), z.dtype)
     largest = max(y.numel(), _storage_elements(y), _storage_elements(z))
     if (y.shape != z.shape or y.device != z.device or z.dtype not in KERNEL_DTYPES
-            or not _fused(y, norm, out_dtype, largest)):
+            or not _fused(y, norm, out_dtype, largest, kernels)):
         return (_torch_layer_norm(y, norm) * F.silu(z)).to(out_dtype)
     return _LayerNormGate.apply(y, z, norm.weight, norm.bias, norm.eps, out_dtype)

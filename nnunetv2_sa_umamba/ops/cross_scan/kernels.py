@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-# chosen on an H100 at the stage-1 and stage-4 shapes of a 28 x 256 x 256 batch
+# chosen for the stage-1 and stage-4 shapes of a 28 x 256 x 256 batch
 BLOCK_D = 64
 MAX_BLOCK_N = 64  # positions per chunk of a line
 NUM_WARPS = 4

@@ -1,25 +1,19 @@
 """RFAConv's conv-BN-ReLU-softmax-product-conv chain as one autograd op over the Triton kernels
-(ops/rfaconv_triton.py); ops/triton_dispatch.py decides when it runs."""
+(ops/rfaconv/kernels.py), and when it runs."""
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import nn
 
-from nnunetv2_sa_umamba.ops.triton_dispatch import matmul_dtype, use_triton
+from nnunetv2_sa_umamba.ops.common import RFACONV_POSITIONS as POSITIONS
+from nnunetv2_sa_umamba.ops.common import fused_kernels_run, lazy_module, matmul_dtype
 
-POSITIONS = 9
-
-
-@functools.cache
-def _kernels():
-    from nnunetv2_sa_umamba.ops import rfaconv_triton
-    return rfaconv_triton
+_kernels = lazy_module("nnunetv2_sa_umamba.ops.rfaconv.kernels")
 
 
-def use_fused(x: torch.Tensor, module: nn.Module | None = None) -> bool:
-    """Whether RFAConv ``module`` runs the fused kernels on ``x`` (B, H, W, C) or (B, C, H, W).
+def use_fused(x: torch.Tensor, choice: str, module: nn.Module | None = None) -> bool:
+    """Whether RFAConv ``module`` runs the fused kernels on ``x`` (B, H, W, C) or (B, C, H, W), for its kernel
+    choice ("auto", "triton" or "torch", ``KernelPolicy.rfaconv``).
 
     Not under torch.use_deterministic_algorithms (the kernels reduce with atomic adds), and not for a
     SyncBatchNorm in training (multi-GPU: its statistics and gradient sums are synchronised across GPUs)."""
@@ -27,13 +21,13 @@ def use_fused(x: torch.Tensor, module: nn.Module | None = None) -> bool:
         return False
     if module is not None and isinstance(module.feature_norm, nn.SyncBatchNorm) and module.feature_norm.training:
         return False
-    return use_triton(x, x.numel() * POSITIONS)
+    return fused_kernels_run(choice, x, x.numel() * POSITIONS, f"RFAConv with kernels {choice!r}")
 
 
 class _RFAConvChain(torch.autograd.Function):
     """(B, H, W, C) -> (B, H, W, C): everything of RFAConv up to and including the stride-3 conv's bias.
 
-    Parameters and statistics come in the kernels' layout (rfaconv_triton.py): wf (9, 9, C), wc, gamma, beta,
+    Parameters and statistics come in the kernels' layout (kernels.py): wf (9, 9, C), wc, gamma, beta,
     mean, rstd (9, C), w_out (C, 9C) with column k * C + c."""
 
     @staticmethod

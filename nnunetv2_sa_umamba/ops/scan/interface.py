@@ -2,106 +2,92 @@
 
 Backends (same semantics, mamba-ssm's ``selective_scan_fn`` without ``z``):
 - ``cuda``: mamba-ssm's compiled kernel (``selective_scan_cuda``) as a registered torch op.
-- ``triton``: our Triton kernels (ops/scan_triton.py), forward and backward; needs Triton and CUDA tensors
+- ``triton``: our Triton kernels (ops/scan/kernels.py), forward and backward; needs Triton and CUDA tensors
   (or ``TRITON_INTERPRET=1``, which runs them on the CPU, slowly: the tests use it).
 - ``torch``: chunked pure PyTorch with a hand-written backward; any device, float32 state.
 - ``reference``: the step-by-step loop under autograd; for tests, used only when named explicitly.
 
-Choice: the ``backend`` argument, else the environment variable ``SAUMAMBA_SCAN_BACKEND``
-(``auto``, ``cuda``, ``triton`` or ``torch``), else ``auto``: for CUDA tensors mamba-ssm's kernel when it
-imports, else the Triton kernels when Triton imports; ``torch`` otherwise. Under torch.compile the choice is
-made once, when the graph is traced.
+Choice: the ``backend`` argument (SS2D passes its ``KernelPolicy``'s ``scan``, which ``SAUMAMBA_SCAN_BACKEND``
+sets), ``auto`` by default: for CUDA tensors mamba-ssm's kernel when it imports, else the Triton kernels when
+Triton imports; ``torch`` otherwise. Under torch.compile the choice is made once, when the graph is traced.
 """
-import functools
 import logging
-import os
 
 import torch
 from torch import Tensor
 
-from . import scan_cuda
-from .scan_torch import selective_scan_reference, selective_scan_torch
-from .triton_dispatch import triton_importable, triton_interpreted
+from nnunetv2_sa_umamba.ops.common import TRITON_INSTALL_HINT, lazy_module, triton_importable, triton_interpreted
+from nnunetv2_sa_umamba.ops.policy import SCAN_BACKENDS, SCAN_ENV_VAR
+from nnunetv2_sa_umamba.ops.scan import cuda_backend
+from nnunetv2_sa_umamba.ops.scan.reference import selective_scan_reference
+from nnunetv2_sa_umamba.ops.scan.torch_backend import selective_scan_torch
 
 logger = logging.getLogger("nnunetv2_sa_umamba")
 
-ENV_VAR = "SAUMAMBA_SCAN_BACKEND"
-ENV_CHOICES = ("auto", "cuda", "triton", "torch")
 BACKENDS = ("cuda", "triton", "torch", "reference")
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16)
 INSTALL_HINT = ('install mamba-ssm with its CUDA kernel (torch with CUDA and a CUDA toolkit with nvcc '
                 'needed): MAMBA_FORCE_BUILD=TRUE pip install -e ".[cuda]"')
 _DESCRIPTIONS = {
     "cuda": "mamba-ssm's selective_scan_cuda kernel",
-    "triton": "Triton kernels (ops/scan_triton.py)",
+    "triton": "Triton kernels (ops/scan/kernels.py)",
     "torch": "chunked pure PyTorch",
     "reference": "sequential reference loop (slow; meant for tests)",
 }
 _logged: set[str] = set()
-
-
-@functools.cache
-def _scan_triton():
-    from . import scan_triton  # noqa: PLC0415 - imports triton, an optional dependency
-    return scan_triton
+_triton_backend = lazy_module("nnunetv2_sa_umamba.ops.scan.triton_backend")
 
 
 def available_backends() -> tuple[str, ...]:
     """Backends that can run on this machine: ``cuda`` needs a GPU and the importable kernel, ``triton`` a GPU
     (or Triton's interpreter) and Triton."""
-    usable = {"cuda": torch.cuda.is_available() and scan_cuda.kernel_available(),
+    usable = {"cuda": torch.cuda.is_available() and cuda_backend.kernel_available(),
               "triton": (torch.cuda.is_available() or triton_interpreted()) and triton_importable()}
     return tuple(name for name in BACKENDS if usable.get(name, True))
 
 
-def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
+def resolve_backend(device: torch.device | str, backend: str = "auto") -> str:
     """Name of the backend that scans tensors on ``device``: "cuda", "triton", "torch" or "reference".
 
-    ``backend``: "auto", "cuda", "triton", "torch", "reference" or None (then ``SAUMAMBA_SCAN_BACKEND``,
-    default "auto"). Raises ValueError for unknown names and RuntimeError when "cuda" or "triton" cannot run.
+    ``backend``: "auto", "cuda", "triton", "torch" or "reference". Raises ValueError for unknown names and
+    RuntimeError when "cuda" or "triton" cannot run.
     """
-    if backend is None:
-        backend = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
-        if backend not in ENV_CHOICES:
-            raise ValueError(f"environment variable {ENV_VAR}={os.environ[ENV_VAR]!r} is not one of "
-                             f"{', '.join(ENV_CHOICES)}; set one of those or unset it.")
-    elif backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of "
-                         f"auto, {', '.join(BACKENDS)}.")
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {', '.join(SCAN_BACKENDS)}.")
     device = torch.device(device)
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        if scan_cuda.kernel_available():
+        if cuda_backend.kernel_available():
             return "cuda"
-        # without mamba-ssm: ~5x faster than the torch backend on an H100 (docs/BENCHMARKS.md)
+        # without mamba-ssm the Triton kernels are far faster than the chunked PyTorch scan (docs/BENCHMARKS.md)
         return "triton" if triton_importable() else "torch"
     if backend == "triton":
         problems = []
         if not triton_importable():
-            problems.append("Triton is not installed (pip install triton)")
+            problems.append(f"Triton is not installed ({TRITON_INSTALL_HINT})")
         if device.type != "cuda" and not triton_interpreted():
             problems.append(f"the tensors are on {device}, not on a CUDA device (TRITON_INTERPRET=1 runs the "
                             f"kernels on the CPU, slowly)")
         if problems:
             raise RuntimeError(f"selective-scan backend 'triton' cannot run: {'; '.join(problems)}. "
-                               f"Use backend 'torch' or 'auto' (or {ENV_VAR}=torch) otherwise.")
+                               f"Use backend 'torch' or 'auto' (or {SCAN_ENV_VAR}=torch) otherwise.")
     if backend == "cuda":
         problems = []
         if device.type != "cuda":
             problems.append(f"the tensors are on {device}, not on a CUDA device")
-        if not scan_cuda.kernel_available():
+        if not cuda_backend.kernel_available():
             problems.append(f"mamba-ssm's selective_scan_cuda does not import "
-                            f"({scan_cuda.kernel_import_error()})")
+                            f"({cuda_backend.kernel_import_error()})")
         if problems:
             raise RuntimeError(f"selective-scan backend 'cuda' cannot run: {'; '.join(problems)}. "
                                f"To use it, {INSTALL_HINT} and pass CUDA tensors; otherwise use "
-                               f"backend 'torch' or 'auto' (or {ENV_VAR}=torch).")
+                               f"backend 'torch' or 'auto' (or {SCAN_ENV_VAR}=torch).")
     return backend
 
 
 @torch.compiler.assume_constant_result
-def _choose_backend(device: torch.device, backend: str | None) -> str:
+def _choose_backend(device: torch.device, backend: str) -> str:
     """resolve_backend plus the one-time log line; a constant for torch.compile."""
     name = resolve_backend(device, backend)
     if name not in _logged:
@@ -136,7 +122,7 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   backend: str | None = None, compute_dtype: torch.dtype | None = None) -> Tensor:
+                   backend: str = "auto", compute_dtype: torch.dtype | None = None) -> Tensor:
     """Selective scan y (batch, dim, L), with mamba-ssm's ``selective_scan_fn`` semantics.
 
     u, delta: (batch, dim, L). A: (dim, N), float32. B, C: (batch, groups, N, L); channel d reads
@@ -159,15 +145,15 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if compute_dtype is not None:
         u, delta, B, C = (t.to(compute_dtype) for t in (u, delta, B, C))
     if name == "triton":
-        return _scan_triton().selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    impl = {"cuda": scan_cuda.selective_scan_cuda, "torch": selective_scan_torch,
+        return _triton_backend().selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    impl = {"cuda": cuda_backend.selective_scan_cuda, "torch": selective_scan_torch,
             "reference": selective_scan_reference}[name]
     return impl(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
 def selective_scan_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Tensor, A: Tensor, B: Tensor,
                                  C: Tensor, D: Tensor | None = None, delta_bias: Tensor | None = None,
-                                 delta_softplus: bool = False, backend: str | None = None) -> Tensor:
+                                 delta_softplus: bool = False, backend: str = "auto") -> Tensor:
     """``selective_scan`` with delta = delta_weight (groups, dim / groups, R) @ delta_low (batch, groups, R, L)
     per group (SS2D's dt projection). Same values; with the ``cuda`` backend the backward recomputes delta from
     delta_low instead of keeping it. u, delta_low and delta_weight share one dtype."""
@@ -181,7 +167,7 @@ def selective_scan_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Ten
     name = _choose_backend(u.device, backend)
     if name == "cuda":
         _check_shapes(u, u, A, B, C, D, delta_bias)
-        return scan_cuda.selective_scan_cuda_lowrank_delta(u, delta_low, delta_weight, A, B, C, D, delta_bias,
+        return cuda_backend.selective_scan_cuda_lowrank_delta(u, delta_low, delta_weight, A, B, C, D, delta_bias,
                                                            delta_softplus)
-    return selective_scan(u, scan_cuda.project_delta(delta_weight, delta_low), A, B, C, D, delta_bias,
+    return selective_scan(u, cuda_backend.project_delta(delta_weight, delta_low), A, B, C, D, delta_bias,
                           delta_softplus, backend=name)

@@ -20,13 +20,13 @@ import triton
 import triton.language as tl
 
 # Tiles: many rows per program for SA-UMamba's small C (24 at the last PatchExpand), where one row per program
-# would leave most threads idle, one row once C reaches the tile's size. Forward and backward tiles differ: best of a
-# sweep at 114688 x 96 (stage 1's block norms) on an H100, where the backward took 0.065 ms with 2048-value tiles
-# of 32 values per thread, two per program, and 0.121 ms with the forward's 4096-value tiles of 16 per thread.
+# would leave most threads idle, one row once C reaches the tile's size. Forward and backward tiles differ: the
+# backward's smaller tiles, more values per thread and two tiles per program won a sweep at stage 1's block norms
+# (114688 x 96, docs/BENCHMARKS.md).
 FORWARD_TILE_ELEMENTS = 4096
 FORWARD_ELEMENTS_PER_THREAD = 16
 BACKWARD_TILE_ELEMENTS = 2048
-# the backward holds several tile-sized tensors in registers, yet more values per thread was faster at 114688 x 96
+# the backward holds several tile-sized tensors in registers, yet more values per thread was faster there
 BACKWARD_ELEMENTS_PER_THREAD = 32
 # row tiles each backward program sums dweight and dbias over before writing its partial row
 BACKWARD_TILES_PER_PROGRAM = 2

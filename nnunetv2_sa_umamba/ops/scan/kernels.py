@@ -1,6 +1,7 @@
-"""The selective scan as Triton kernels (``triton`` backend): forward and backward, no compile step.
+"""The selective scan as Triton kernels (the ``triton`` backend's, ops/scan/triton_backend.py): forward and
+backward, no compile step.
 
-Same semantics as ops/scan_torch.py (mamba-ssm's ``selective_scan_fn`` without ``z``). Each program scans a
+Same semantics as ops/scan/reference.py (mamba-ssm's ``selective_scan_fn`` without ``z``). Each program scans a
 block of channels of one batch element that share one group of B and C, over the sequence in chunks: a chunk
 is a (channels, N, steps) tile whose recurrence h_t = a_t h_{t-1} + b_t is one ``tl.associative_scan`` along
 the steps, started from the state carried over from the previous chunk. Where mamba-ssm's kernel runs one
@@ -23,8 +24,8 @@ import triton.language as tl
 LOG2_E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)), as mamba-ssm computes it
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # as mamba-ssm and F.softplus: above it softplus(x) = x
 # Tile sizes: steps per chunk and channels per program, chosen so that a tile holds about TILE_ELEMENTS
-# state values (channels x N x steps) and the block's channels share one group of B and C. Best total of a
-# sweep (steps 32/64/128, tiles 2048-8192, 2-8 warps) over SS2D's four scan shapes at batch 28 on an H100.
+# state values (channels x N x steps) and the block's channels share one group of B and C; the values won a
+# sweep over SS2D's four scan shapes (docs/BENCHMARKS.md).
 MAX_BLOCK_L = 32
 TILE_ELEMENTS = 4096
 
@@ -241,72 +242,3 @@ def backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus: bool):
                                 du, ddelta, dA, dB, dC, dD, dbias, **sizes, **flags, **meta)
     return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), None if D is None else dD,
             None if delta_bias is None else dbias)
-
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# Registered ops (fake kernels for shapes, an autograd formula), as ops/scan_cuda.py does for mamba-ssm's kernel,
-# so that torch.compile keeps the scan in its graph. No device restriction: Triton's interpreter runs them on CPU.
-@torch.library.custom_op("saumamba::scan_triton_fwd", mutates_args=())
-def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-              D: torch.Tensor | None, delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
-    return forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
-
-
-@_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
-    return torch.empty_like(u)
-
-
-@torch.library.custom_op("saumamba::scan_triton_bwd", mutates_args=())
-def _scan_bwd(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-              C: torch.Tensor, D: torch.Tensor | None, delta_bias: torch.Tensor | None,
-              delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                             torch.Tensor, torch.Tensor]:
-    du, ddelta, dA, dB, dC, dD, ddelta_bias = backward(dout.contiguous(), u, delta, A, B, C, D, delta_bias,
-                                                       delta_softplus)
-    # custom ops cannot return None
-    return du, ddelta, dA, dB, dC, A.new_empty(0) if dD is None else dD, \
-        A.new_empty(0) if ddelta_bias is None else ddelta_bias
-
-
-@_scan_bwd.register_fake
-def _(dout, u, delta, A, B, C, D, delta_bias, delta_softplus):
-    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), A.new_empty(0) if D is None else torch.empty_like(D),
-            A.new_empty(0) if delta_bias is None else torch.empty_like(delta_bias))
-
-
-def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, delta_bias, delta_softplus = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
-    ctx.delta_softplus = delta_softplus
-
-
-def _backward(ctx, dout):
-    u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, ddelta_bias = torch.ops.saumamba.scan_triton_bwd(
-        dout, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus)
-    return (du, ddelta, dA, dB, dC, None if D is None else dD, None if delta_bias is None else ddelta_bias,
-            None)
-
-
-_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                          C: torch.Tensor, D: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
-                          delta_softplus: bool = False) -> torch.Tensor:
-    """The Triton kernels' scan; y (batch, dim, L) in u's dtype (one of ``KERNEL_DTYPES``).
-
-    u, delta, B and C may have different dtypes (each is read as float32); A, D, delta_bias become float32.
-    """
-    if u.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the triton selective-scan kernels take float32/float16/bfloat16 inputs, got {u.dtype}; "
-                        f"use backend='torch' for other dtypes.")
-    f32 = torch.float32
-    return torch.ops.saumamba.scan_triton_fwd(
-        u.contiguous(), delta.contiguous(), A.to(f32).contiguous(), B.contiguous(), C.contiguous(),
-        None if D is None else D.to(f32).contiguous(),
-        None if delta_bias is None else delta_bias.to(f32).contiguous(), delta_softplus)

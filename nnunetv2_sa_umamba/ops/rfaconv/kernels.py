@@ -9,7 +9,7 @@ For input x (P = B*H*W positions, C channels) the chain is, per channel c and re
     out[p, :]         = weighted[p] (flattened k-major) @ w_out^T + b   the stride-3 conv, a (9C -> C) matmul
 
 Layouts ("kernel layout", k-major so that channel runs are contiguous): x (P, C); wf (9 taps, 9, C); wc and
-every per-(k, c) vector (9, C); weighted and its gradients (P, 9, C). ops/rfaconv_fused.py converts the
+every per-(k, c) vector (9, C); weighted and its gradients (P, 9, C). ops/rfaconv/interface.py converts the
 module's parameters. The kernels recompute f, y and s from x wherever they need them, so none of the 9C-channel
 tensors of the unfused chain is kept between forward and backward; the batch-norm statistics come from a first
 pass that reduces f without storing it. Accumulation is float32 whatever the input dtype.
@@ -20,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-POSITIONS = 9
+from nnunetv2_sa_umamba.ops.common import RFACONV_POSITIONS as POSITIONS
 BLOCK_K = 16  # the 9 positions, padded to a power of two
 # (positions per tile, channels per tile, warps, tiles per program) per kernel; programs that reduce over
 # positions loop over several tiles so that fewer partial sums meet in atomic adds
-# Chosen on an H100 at the stage-1 and stage-3 shapes of a 28 x 256 x 256 batch (sum of both times).
+# Chosen for the stage-1 and stage-3 shapes of a 28 x 256 x 256 batch together.
 CONFIGS = {
     "stats": (16, 16, 4, 1),
     "weighted": (8, 32, 2, 1),
@@ -34,9 +34,9 @@ CONFIGS = {
 }
 # Under 16-bit autocast ("tf32" products) these kernels compute f as one matrix product per channel, (positions
 # x taps) @ (taps x k), with their own tiles; otherwise, and in the other kernels, f is 9 broadcast multiply-adds.
-# Chosen on an H100 from a sweep at the four stage shapes of a 28 x 256 x 256 batch (bf16 autocast): statistics
-# 0.71 -> 0.45 ms, reduction pass 5.26 -> 3.30 ms summed over the four shapes. The passes then see f rounded
-# differently (TF32 products vs float32 multiply-adds), far below autocast's own 16-bit rounding of it.
+# The products won where they replace the statistics' and the reduction pass's multiply-adds (docs/BENCHMARKS.md).
+# The passes then see f rounded differently (TF32 products vs float32 multiply-adds), far below autocast's own
+# 16-bit rounding of it.
 DOT_CONFIGS = {"stats": (32, 32, 8, 1), "backward_reduce": (16, 16, 2, 1)}
 
 

@@ -1,4 +1,4 @@
-"""mamba-ssm's compiled selective-scan kernel as a registered torch op (``cuda`` backend).
+"""The ``cuda`` selective-scan backend: mamba-ssm's compiled kernel as a registered torch op.
 
 The kernel is the top-level extension module ``selective_scan_cuda`` built by mamba-ssm
 (``pip install -e ".[cuda]"``, with ``MAMBA_FORCE_BUILD=TRUE`` and a CUDA toolkit). It is imported
@@ -14,38 +14,29 @@ float32/float16/bfloat16 and need last-dim stride 1; A, D, delta_bias are float3
 input gradients come back in the input dtype; ``x`` holds the float32 state at the end of every
 2048-step chunk, (batch, dim, n_chunks, 2 N), and is what the backward needs.
 """
-import functools
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from nnunetv2_sa_umamba.ops.common import KERNEL_DTYPES, optional_grad, optional_import, optional_output
+
+KERNEL_MODULE = "selective_scan_cuda"  # the compiled extension, imported after torch
 _KERNEL_CHUNK = 2048  # steps per chunk inside the kernel; sizes the saved states x
-
-
-@functools.cache
-def _import_kernel() -> tuple[ModuleType | None, str]:
-    """(module, "") if ``selective_scan_cuda`` imports, else (None, why it did not)."""
-    try:
-        import selective_scan_cuda  # noqa: PLC0415 - optional compiled extension; torch is imported first
-    except (ImportError, OSError) as err:  # OSError: a missing CUDA runtime library
-        return None, f"{type(err).__name__}: {err}"
-    return selective_scan_cuda, ""
 
 
 def kernel_available() -> bool:
     """Whether mamba-ssm's ``selective_scan_cuda`` extension can be imported."""
-    return _import_kernel()[0] is not None
+    return optional_import(KERNEL_MODULE)[0] is not None
 
 
 def kernel_import_error() -> str:
     """Why ``selective_scan_cuda`` did not import ("" when it did)."""
-    return _import_kernel()[1]
+    return optional_import(KERNEL_MODULE)[1]
 
 
 def _kernel() -> ModuleType:
-    module, error = _import_kernel()
+    module, error = optional_import(KERNEL_MODULE)
     if module is None:
         raise RuntimeError(f"mamba-ssm's selective_scan_cuda kernel is not importable ({error}).")
     return module
@@ -86,9 +77,7 @@ def _scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
         _last_dim_contiguous(t) for t in (dout, u, delta, B, C, D, delta_bias))
     du, ddelta, dA, dB, dC, dD, ddelta_bias = _kernel().bwd(
         u, delta, A, B, C, D, None, delta_bias, dout, x, None, None, delta_softplus, False)
-    # custom ops cannot return None
-    return (du, ddelta, dA, dB, dC, A.new_empty(0) if dD is None else dD,
-            A.new_empty(0) if ddelta_bias is None else ddelta_bias)
+    return du, ddelta, dA, dB, dC, optional_output(dD, A), optional_output(ddelta_bias, A)
 
 
 @_scan_bwd.register_fake
@@ -109,8 +98,7 @@ def _backward(ctx, dout, _dx):
     u, delta, A, B, C, D, delta_bias, x = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, ddelta_bias = torch.ops.saumamba.scan_cuda_bwd(
         dout, u, delta, A, B, C, D, delta_bias, x, ctx.delta_softplus)
-    return (du, ddelta, dA, dB, dC, None if D is None else dD,
-            None if delta_bias is None else ddelta_bias, None)
+    return du, ddelta, dA, dB, dC, optional_grad(dD, D), optional_grad(ddelta_bias, delta_bias), None
 
 
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -154,8 +142,8 @@ def _lowrank_backward(ctx, dout, _dx):
     # the matmul's gradients, as autograd forms them (the weight's summed over the batch)
     grad_low = torch.matmul(delta_weight.transpose(-1, -2), ddelta)
     grad_weight = torch.matmul(ddelta, delta_low.transpose(-1, -2)).sum(0)
-    return (du, grad_low, grad_weight, dA, dB, dC, None if D is None else dD,
-            None if delta_bias is None else ddelta_bias, None)
+    return (du, grad_low, grad_weight, dA, dB, dC, optional_grad(dD, D), optional_grad(ddelta_bias, delta_bias),
+            None)
 
 
 _scan_lowrank_delta_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
@@ -188,9 +176,8 @@ def selective_scan_cuda_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight
                                       C: Tensor, D: Tensor | None = None, delta_bias: Tensor | None = None,
                                       delta_softplus: bool = False) -> Tensor:
     """``selective_scan_cuda`` with delta = project_delta(delta_weight, delta_low), computed here. The backward
-    recomputes delta instead of keeping it: for SS2D R = ceil(C / 16) rows per direction instead of 2C (peak
-    training memory 6.57 -> 5.59 GiB at batch 28 x 3 x 256 x 256 under bf16 autocast on an H100). delta_weight
-    and delta_low must have u's dtype."""
+    recomputes delta instead of keeping it: for SS2D it keeps R = ceil(C / 16) rows per direction instead of 2C,
+    which lowers peak training memory (docs/BENCHMARKS.md). delta_weight and delta_low must have u's dtype."""
     operands = _kernel_operands(u, A, B, C, D, delta_bias)
     if delta_low.dtype != u.dtype or delta_weight.dtype != u.dtype:
         raise TypeError(f"the cuda selective-scan kernel takes u, delta_low and delta_weight of one dtype, got "

@@ -1,37 +1,23 @@
-"""Pure-PyTorch selective scans: the chunked backend (``torch``) and the sequential ``reference``.
+"""The chunked pure-PyTorch selective scan (``torch`` backend), with the semantics of ops/scan/reference.py.
 
-Both follow mamba-ssm's ``selective_scan_fn`` semantics (no ``z``, no last state):
-
-    delta = softplus(delta + delta_bias)          (bias and softplus optional)
-    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,   h_0 = 0
-    y_t = <h_t, C_t> + D * u_t
-
-Shapes: u, delta (batch, dim, L); A (dim, N); B, C (batch, groups, N, L), channel d reads group
-d // (dim // groups); D, delta_bias (dim,). The state is kept in float32, or float64 for float64 inputs.
-
-The ``torch`` backend is a ``torch.library.custom_op`` with a hand-written backward. Its forward
-walks the sequence in chunks of ``chunk_len`` steps and keeps only the state at each chunk start;
-its backward recomputes one chunk at a time (as mamba-ssm's kernel does), so memory stays at the
-inputs plus one (batch, dim, N) state per chunk, where autograd through a step loop keeps several
-per step. Inside a
-chunk all decays, inputs and gradient terms are computed as whole-chunk tensor ops and only the
-state update itself runs step by step (one fused multiply-add each): on CPU, memory traffic and
-not the op count dominates at SS2D sizes: in-chunk log-depth (Hillis-Steele) scans measured about
-1.5x slower and quadratic (T x T segment-sum) forms 5x or more. Every factor exp(delta * A) lies
-in (0, 1] for A <= 0, so nothing can overflow however large delta or L get, and no
+It is a ``torch.library.custom_op`` with a hand-written backward. Its forward walks the sequence in chunks
+of ``chunk_len`` steps and keeps only the state at each chunk start; its backward recomputes one chunk at a
+time (as mamba-ssm's kernel does), so memory stays at the inputs plus one (batch, dim, N) state per chunk,
+where autograd through a step loop keeps several per step. Inside a chunk all decays, inputs and gradient
+terms are computed as whole-chunk tensor ops and only the state update itself runs step by step (one fused
+multiply-add each): on CPU, memory traffic and not the op count dominates at SS2D sizes, so in-chunk log-depth
+(Hillis-Steele) scans and quadratic (T x T segment-sum) forms, which do more arithmetic, are slower. Every
+factor exp(delta * A) lies in (0, 1] for A <= 0, so nothing can overflow however large delta or L get, and no
 exp(+cumsum) or cumsum difference loses precision.
-
-Forward + backward, 2 CPU threads of the H100 host, N=16, groups=4, against the reference:
-(8, 768, 1024) 0.76 s vs 7.5 s; (8, 1536, 256) 0.41 s vs 2.3 s; (2, 128, 1024) 0.05 s vs 0.45 s.
 """
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-# Default chunk length: long chunks save per-chunk op overhead on small tensors, short ones keep the
-# chunk's (T, batch, dim, N) buffers near cache size on large ones. Measured on 2 CPU threads: 16
-# is fastest for (8, 768 or 1536, N=16) and 64 for (2, 128, 16) or (1, 64, 16). It changes speed
-# and memory only, never results.
+from nnunetv2_sa_umamba.ops.scan.reference import finish_output, prepare_inputs
+
+# Default chunk length: long chunks save per-chunk op overhead on small tensors, short ones keep the chunk's
+# (T, batch, dim, N) buffers near cache size on large ones (SS2D's large stages: 16; small tensors: 64). It
+# changes speed and memory only, never results.
 MIN_CHUNK_LEN, MAX_CHUNK_LEN = 16, 64
 CHUNK_ELEMENTS = 1 << 20
 
@@ -39,49 +25,6 @@ CHUNK_ELEMENTS = 1 << 20
 def default_chunk_len(batch: int, dim: int, d_state: int) -> int:
     """Steps per chunk for the torch backend: about CHUNK_ELEMENTS state values, within 16..64."""
     return max(MIN_CHUNK_LEN, min(MAX_CHUNK_LEN, CHUNK_ELEMENTS // (batch * dim * d_state)))
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype the recurrence runs in for inputs of ``dtype``: float32, or float64 for float64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,
-             delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Cast to the state dtype and apply delta's bias and softplus (differentiable)."""
-    f = _state_dtype(u.dtype)
-    delta = delta.to(f)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(f)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)  # threshold 20, like the CUDA kernel
-    return u.to(f), delta, A.to(f), B.to(f), C.to(f)
-
-
-def _finish(y: Tensor, u: Tensor, D: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    if D is not None:
-        y = y + D.to(y.dtype)[:, None] * u
-    return y.to(out_dtype)
-
-
-def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                             D: Tensor | None = None, delta_bias: Tensor | None = None,
-                             delta_softplus: bool = False) -> Tensor:
-    """The recurrence, one step at a time under autograd: the ground truth for tests.
-
-    Returns y (batch, dim, L) in u's dtype. Slow (O(L) small ops forward and backward).
-    """
-    out_dtype = u.dtype
-    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    per_group = u.shape[1] // B.shape[1]
-    B = B.repeat_interleave(per_group, dim=1)  # (batch, dim, N, L)
-    C = C.repeat_interleave(per_group, dim=1)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
-        h = torch.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t
-        ys.append((h * C_t).sum(-1))
-    return _finish(torch.stack(ys, dim=-1), u, D, out_dtype)
 
 
 def _time_major(x: Tensor, groups: int) -> Tensor:
@@ -225,6 +168,6 @@ def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     elif chunk_len < 1:
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
     out_dtype = u.dtype
-    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    u, delta, A, B, C = prepare_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
     y = torch.ops.saumamba.scan_torch_fwd(u, delta, A, B, C, chunk_len)[0]
-    return _finish(y, u, D, out_dtype)
+    return finish_output(y, u, D, out_dtype)
