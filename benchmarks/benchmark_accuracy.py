@@ -60,7 +60,7 @@ from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 import nnunetv2_sa_umamba.ext_trainers.saumamba_trainers as saumamba_trainers
 
 
-def _with_run_length(base_name, epochs, iterations, val_iterations, save_every):
+def _with_run_length(base_name, epochs, iterations, val_iterations, save_every, batch_size=None):
     base = getattr(saumamba_trainers, base_name, None) or recursive_find_python_class(
         os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer"), base_name, "nnunetv2.training.nnUNetTrainer")
     if base is None:
@@ -72,23 +72,26 @@ def _with_run_length(base_name, epochs, iterations, val_iterations, save_every):
         self.num_iterations_per_epoch = iterations
         self.num_val_iterations_per_epoch = val_iterations
         self.save_every = save_every
+        if batch_size is not None:  # read by initialize(); saved with the plans next to the checkpoint
+            self.configuration_manager.configuration["batch_size"] = batch_size
 
-    return type(f"{base_name}__{epochs}x{iterations}", (base,), {"__init__": __init__})
+    suffix = f"__{epochs}x{iterations}" + (f"_b{batch_size}" if batch_size else "")
+    return type(base_name + suffix, (base,), {"__init__": __init__})
 
 '''
 
 
-def run_length_name(trainer: str, epochs: int, iterations: int) -> str:
-    return f"{trainer}__{epochs}x{iterations}"
+def run_length_name(trainer: str, epochs: int, iterations: int, batch_size: int | None = None) -> str:
+    return f"{trainer}__{epochs}x{iterations}" + (f"_b{batch_size}" if batch_size else "")
 
 
 def write_trainer_module(folder: Path, trainers: list[str], epochs: int, iterations: int, val_iterations: int,
-                         save_every: int) -> None:
+                         save_every: int, batch_size: int | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     lines = [_GENERATED_HEADER]
     for trainer in trainers:
-        lines.append(f"{run_length_name(trainer, epochs, iterations)} = _with_run_length("
-                     f"{trainer!r}, {epochs}, {iterations}, {val_iterations}, {save_every})\n")
+        lines.append(f"{run_length_name(trainer, epochs, iterations, batch_size)} = _with_run_length("
+                     f"{trainer!r}, {epochs}, {iterations}, {val_iterations}, {save_every}, {batch_size})\n")
     (folder / GENERATED_MODULE).write_text("".join(lines))
 
 
@@ -274,17 +277,22 @@ def parse_training_logs(folder: Path) -> dict:
     }
 
 
+def _planned_batch_size(ws: Workspace) -> int:
+    plans = json.loads((ws.preprocessed / ws.spec.folder / "nnUNetPlans.json").read_text())
+    return plans["configurations"]["2d"]["batch_size"]
+
+
 def _fmt(value, pattern: str = "{:.4f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = ("| trainer | epochs x iterations | s / epoch (first) | test Dice | test IoU | nnU-Net test Dice | "
+    header = ("| trainer | batch | epochs x iterations | s / epoch (first) | test Dice | test IoU | nnU-Net test Dice | "
               "val pseudo-Dice final / best | skipped steps (loss / gradient) | NaN-loss epochs |")
-    lines = [header, "|" + "|".join(["---"] + ["---:"] * 8) + "|"]
+    lines = [header, "|" + "|".join(["---"] + ["---:"] * 9) + "|"]
     for row in rows:
         lines.append(
-            f"| {row['trainer']} | {row['epochs_done']}/{row['epochs']} x {row['iterations']} | "
+            f"| {row['trainer']} | {row['batch_size']} | {row['epochs_done']}/{row['epochs']} x {row['iterations']} | "
             f"{_fmt(row['seconds_per_epoch'], '{:.1f}')} ({_fmt(row['first_epoch_s'], '{:.0f}')}) | "
             f"{_fmt(row.get('test_dice'))} | {_fmt(row.get('test_iou'))} | {_fmt(row.get('test_nnunet_dice'))} | "
             f"{_fmt(row['final_pseudo_dice'])} / {_fmt(row['best_pseudo_dice'])} | "
@@ -309,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, default=250, help="training iterations per epoch (nnU-Net: 250)")
     parser.add_argument("--val-iterations", type=int, default=None,
                         help="validation iterations per epoch (default: iterations / 5, as nnU-Net's 250 / 50)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="override the planned batch size for every trainer (default: nnU-Net's plan)")
     parser.add_argument("--save-every", type=int, default=2, help="checkpoint every N epochs (for resuming)")
     parser.add_argument("--sequential", action="store_true", help="train one trainer after another")
     parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
@@ -327,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = DATASETS[args.dataset]
     ws = Workspace(args.work.resolve(), spec)
     val_iterations = args.val_iterations or max(1, args.iterations // 5)
-    names = [run_length_name(t, args.epochs, args.iterations) for t in args.trainers]
-    write_trainer_module(ws.trainers, args.trainers, args.epochs, args.iterations, val_iterations, args.save_every)
+    names = [run_length_name(t, args.epochs, args.iterations, args.batch_size) for t in args.trainers]
+    write_trainer_module(ws.trainers, args.trainers, args.epochs, args.iterations, val_iterations, args.save_every,
+                         args.batch_size)
     convert(ws, args.source, args.convert_args.split())
     plan_and_preprocess(ws, args.processes)
     if args.prepare_only:
@@ -341,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     for trainer, name in zip(args.trainers, names):
         folder = ws.output_folder(name, args.fold)
         row = {"trainer": trainer, "run_name": name, "epochs": args.epochs, "iterations": args.iterations,
+               "batch_size": args.batch_size or _planned_batch_size(ws),
                "val_iterations": val_iterations, **parse_training_logs(folder)}
         if training_finished(folder):
             row.update(predict_and_evaluate(ws, name, args.fold, args.device))

@@ -135,13 +135,37 @@ def test_architecture_variants(nnunet_folders):
     assert build_from_trainer(make_trainer(nnUNetTrainerSAUMamba)).kernels.implementation == "fast"
 
 
-def test_imagenet_variant_needs_a_readable_checkpoint(nnunet_folders, monkeypatch):
+def test_imagenet_variant_needs_its_checkpoint_only_to_start_a_training(nnunet_folders, monkeypatch):
     monkeypatch.delenv("SAUMAMBA_VMAMBA_CHECKPOINT", raising=False)
+    started = []
+    monkeypatch.setattr(nnUNetTrainerSAUMamba, "on_train_start", lambda self: started.append(self.current_epoch))
+    trainer = make_trainer(nnUNetTrainerSAUMambaImageNet)  # --val and nnUNetv2_predict build it without one
     with pytest.raises(RuntimeError, match="SAUMAMBA_VMAMBA_CHECKPOINT"):
-        make_trainer(nnUNetTrainerSAUMambaImageNet)
+        trainer.on_train_start()
     monkeypatch.setenv("SAUMAMBA_VMAMBA_CHECKPOINT", str(nnunet_folders / "missing.pth"))
     with pytest.raises(RuntimeError, match="not a readable file"):
-        make_trainer(nnUNetTrainerSAUMambaImageNet)
+        trainer.on_train_start()
+    assert started == []  # refused before nnU-Net's own start-up
+    trainer.current_epoch = 5  # resumed with --c: the run's own weights, no ImageNet checkpoint needed
+    trainer.on_train_start()
+    assert started == [5]
+
+
+def test_bad_kernel_environment_fails_when_the_trainer_is_built(nnunet_folders, monkeypatch):
+    monkeypatch.setenv("SAUMAMBA_FUSED_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="SAUMAMBA_FUSED_KERNELS='fastest' is not one of auto, triton, torch"):
+        make_trainer(nnUNetTrainerSAUMamba)
+
+
+def test_trainer_log_names_network_and_kernels(nnunet_folders, monkeypatch):
+    trainer = make_trainer(nnUNetTrainerVMUNet)
+    trainer.network = build_from_trainer(trainer)
+    trainer.batch_size = 2
+    summary = trainer._network_summary()
+    assert summary.startswith("Network: VM-UNet (SAUMamba, VSS decoder, RFAC off, residual scales off), "
+                              "27,427,586 parameters")  # 2 classes: +25 in the head
+    assert "patch [64, 64], batch 2" in summary and "scan backend torch (auto)" in summary
+    assert "CUDA graphs off" in summary
 
 
 @pytest.mark.parametrize("cls, device, compiled, graphs", [
@@ -212,7 +236,7 @@ def test_nnunet_finds_every_trainer_through_ext_trainer(monkeypatch):
                  "nnUNetTrainerSAUMambaRFACOnly", "nnUNetTrainerSAUMamba_300epochs", "nnUNetTrainerSAUMambaSGD",
                  "nnUNetTrainerSAUMambaImageNet", "nnUNetTrainerSAUMambaNoDeepSupervision",
                  "nnUNetTrainerSAUMambaRSSSDecoder", "nnUNetTrainerSAUMambaReference",
-                 "nnUNetTrainerSAUMambaNoCudaGraphs"):
+                 "nnUNetTrainerSAUMambaNoCudaGraphs", "nnUNetTrainerSAUMambaPaperLR"):
         found = recursive_find_trainer_class_by_name(name)
         assert found.__name__ == name and issubclass(found, nnUNetTrainerSAUMamba)
 

@@ -224,3 +224,12 @@ def test_nan_step_is_skipped_under_cuda_graphs_and_grad_scaler(tmp_path, monkeyp
     assert np.isfinite(trainer.train_step(_batch())["loss"]) and not _unchanged(trainer, before)
     assert graphs_recorded(trainer.network) == 1
     assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
+
+
+def test_paper_lr_variant_keeps_the_released_schedule(tmp_path, monkeypatch):
+    from nnunetv2_sa_umamba.training.variants.optimizer import nnUNetTrainerSAUMambaPaperLR
+    trainer = _make_trainer(nnUNetTrainerSAUMambaPaperLR, tmp_path, monkeypatch)
+    trainer.num_epochs = 100
+    _initialize_without_data(trainer)
+    assert trainer.learning_rate() == 1e-3  # whatever the batch (the fixture plans 2)
+    assert _lrs(trainer.lr_scheduler, [0, 100]) == pytest.approx([1e-3, 1e-5])

@@ -59,6 +59,9 @@ class SAUMamba(nn.Module):
     ``SAUMAMBA_SCAN_BACKEND`` and ``SAUMAMBA_FUSED_KERNELS`` here, once, and rejects bad values.
     """
 
+    # input sides are padded to this: the 4x patch embedding, then three 2x merges
+    size_multiple = PATCH_SIZE * 2 ** 3
+
     def __init__(self, in_channels: int = 3, num_classes: int = 1,
                  dims: Sequence[int] = (96, 192, 384, 768), depths: Sequence[int] = (2, 2, 2, 2),
                  decoder_depths: Sequence[int] = (2, 2, 2, 1), d_state: int = 16, drop_path_rate: float = 0.2,
@@ -74,7 +77,6 @@ class SAUMamba(nn.Module):
         self.deep_supervision = deep_supervision
         kernels = kernels or kernel_policy()
         self.kernels = kernels
-        self.size_multiple = PATCH_SIZE * 2 ** (len(dims) - 1)
 
         def rsss(dim: int, rate: float) -> nn.Module:
             return RSSSBlock(dim, rate, d_state, rfac=rfac, residual_scale=residual_scale, kernels=kernels)
@@ -126,6 +128,8 @@ class SAUMamba(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"empty input {tuple(x.shape)}: need at least one image of at least 1 x 1 pixels")
         h, w = x.shape[-2:]
         pad_h, pad_w = -h % self.size_multiple, -w % self.size_multiple
         if pad_h or pad_w:

@@ -19,7 +19,8 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.ops.policy import kernel_policy
+from nnunetv2_sa_umamba.ops.policy import FUSED_OPERATORS, KernelPolicy, kernel_policy
+from nnunetv2_sa_umamba.ops.scan import resolve_backend
 from nnunetv2_sa_umamba.training.cuda_graphs import (disable_inference_graphs, disable_training_graphs,
                                                      enable_inference_graphs, enable_training_graphs)
 from nnunetv2_sa_umamba.training.lr_schedule import WarmupDecayLRScheduler, batch_scaled_lr, warmup_epochs_for
@@ -38,26 +39,30 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
     residual_scale: bool = True
     decoder_block: str = "vss"
     implementation: str = "fast"
+    scan_backend: str | None = None  # None: SAUMAMBA_SCAN_BACKEND, else "auto" (ops/policy.py)
     fused_optimizer: bool = True  # torch's fused AdamW on CUDA
     cuda_graphs: bool = True  # training steps and prediction replayed as CUDA graphs (single GPU, not compiled)
-    size_multiple: int = 32
+    scale_lr_to_batch: bool = True  # initial_lr * sqrt(batch / 32) (lr_schedule.py)
+    warmup: bool = True  # linear warm-up over 5 % of the epochs (1-10)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        # a bad SAUMAMBA_* environment value fails here, not at the first forward inside nnU-Net's workers
+        self.kernels = self.kernel_policy()
         patch_size = self.configuration_manager.patch_size
         if len(patch_size) != 2:
             raise RuntimeError(
                 f"{self.__class__.__name__} is a 2D network but configuration '{configuration}' has a "
                 f"{len(patch_size)}D patch {patch_size}. Train the '2d' configuration.")
-        rounded = round_up_patch_size(patch_size, self.size_multiple)
+        rounded = round_up_patch_size(patch_size, SAUMamba.size_multiple)
         if rounded != list(patch_size):
             # Stored in the plans that training saves next to the checkpoint, so that --val and
             # nnUNetv2_predict tile with the same patch size.
             self.configuration_manager.configuration["patch_size"] = rounded
             self.plans_manager.plans["configurations"][configuration]["patch_size"] = rounded
             self.print_to_log_file(f"Patch size {list(patch_size)} rounded up to {rounded} "
-                                   f"(SA-UMamba needs multiples of {self.size_multiple}).")
+                                   f"(SA-UMamba needs multiples of {SAUMamba.size_multiple}).")
         self.initial_lr = 1e-3  # the paper's, for batch 32; scaled to the planned batch (lr_schedule.py)
         self.weight_decay = 1e-2
         self.min_lr = 1e-5
@@ -74,7 +79,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         network = SAUMamba(
             in_channels=num_input_channels, num_classes=num_output_channels, rfac=cls.rfac,
             residual_scale=cls.residual_scale, decoder_block=cls.decoder_block,
-            deep_supervision=enable_deep_supervision, kernels=kernel_policy(cls.implementation),
+            deep_supervision=enable_deep_supervision, kernels=cls.kernel_policy(),
         )
         # The heads always exist (strict loading in the predictor); frozen when unused so that DDP does not
         # wait for their gradients.
@@ -84,8 +89,14 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
             enable_inference_graphs(network)
         return network
 
+    @classmethod
+    def kernel_policy(cls) -> KernelPolicy:
+        """The kernels this trainer's network runs: the class's choices, the environment for the rest."""
+        return kernel_policy(cls.implementation, scan=cls.scan_backend)
+
     def initialize(self) -> None:
         super().initialize()
+        self.print_to_log_file(self._network_summary())
         # the per-epoch validation runs kernel by kernel: an inference graph at the training batch size would keep
         # a second memory pool reserved beside the training graphs' for little gain
         disable_inference_graphs(self._plain_network())
@@ -93,6 +104,21 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
             enable_training_graphs(self.network)
             self.print_to_log_file("Training steps run as CUDA graphs (recorded at the first step; "
                                    "nnUNetTrainerSAUMambaNoCudaGraphs turns this off).")
+
+    def _network_summary(self) -> str:
+        network = self._plain_network()
+        parameters = sum(p.numel() for name, p in network.named_parameters() if not name.startswith("deep_supervision"))
+        kind = "SA-UMamba" if self.rfac or self.residual_scale else "VM-UNet"
+        scan = resolve_backend(self.device, self.kernels.scan)
+        fused = ("off (released code's operations)" if not self.kernels.fast else
+                 ", ".join(f"{op} {getattr(self.kernels, op)}" for op in FUSED_OPERATORS))
+        return (f"Network: {kind} ({type(network).__name__}, {self.decoder_block.upper()} decoder, "
+                f"RFAC {'on' if self.rfac else 'off'}, residual scales {'on' if self.residual_scale else 'off'}), "
+                f"{parameters:,} parameters without the deep-supervision heads, patch "
+                f"{list(self.configuration_manager.patch_size)}, batch {self.batch_size}. The plans' "
+                f"'architecture' entry (PlainConvUNet) is nnU-Net's and unused. Kernels: scan backend {scan} "
+                f"({self.kernels.scan}), fused kernels: {fused}; CUDA graphs "
+                f"{'on' if self._use_cuda_graphs() else 'off'}.")
 
     def on_train_end(self) -> None:
         # free the training graphs' reserved memory before the final validation
@@ -140,10 +166,12 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
 
     def learning_rate(self) -> float:
         """The peak learning rate: ``initial_lr`` scaled to the global (all-GPU) batch size."""
+        if not self.scale_lr_to_batch:
+            return self.initial_lr
         return batch_scaled_lr(self.initial_lr, self.configuration_manager.batch_size)
 
     def _lr_scheduler(self, optimizer: torch.optim.Optimizer, peak_lr: float) -> WarmupDecayLRScheduler:
-        warmup = warmup_epochs_for(self.num_epochs)
+        warmup = warmup_epochs_for(self.num_epochs) if self.warmup else 0
         scaled = (f" ({self.initial_lr:g} scaled to batch {self.configuration_manager.batch_size})"
                   if peak_lr != self.initial_lr else "")
         self.print_to_log_file(

@@ -28,3 +28,9 @@ class nnUNetTrainerSAUMambaSGD(nnUNetTrainerSAUMamba):
         optimizer = torch.optim.SGD(self.network.parameters(), lr=self.initial_lr, momentum=self.momentum,
                                     nesterov=True, weight_decay=self.weight_decay)
         return optimizer, self._lr_scheduler(optimizer, self.initial_lr)
+
+
+class nnUNetTrainerSAUMambaPaperLR(nnUNetTrainerSAUMamba):
+    """The released code's schedule as it is: AdamW at 1e-3 whatever the batch, no warm-up (cosine to 1e-5)."""
+    scale_lr_to_batch = False
+    warmup = False
