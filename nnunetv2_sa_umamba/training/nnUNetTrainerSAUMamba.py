@@ -175,7 +175,8 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         scaled = (f" ({self.initial_lr:g} scaled to batch {self.configuration_manager.batch_size})"
                   if peak_lr != self.initial_lr else "")
         self.print_to_log_file(
-            f"Learning rate: peak {peak_lr:.3g}{scaled}, linear warm-up over {warmup} epoch(s), {self.lr_decay} "
+            f"Learning rate: peak {peak_lr:.3g}{scaled}, "
+            f"{f'linear warm-up over {warmup} epoch(s)' if warmup else 'no warm-up'}, {self.lr_decay} "
             f"decay over {self.num_epochs} epochs; steps with a non-finite loss or gradient are skipped.")
         return WarmupDecayLRScheduler(optimizer, peak_lr, self.num_epochs, warmup, self.lr_decay, self.min_lr)
 
