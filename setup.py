@@ -40,6 +40,7 @@ setup(
             "saumamba_convert_isic2017=dataset_conversion.isic:main_2017",
             "saumamba_convert_isic2018=dataset_conversion.isic:main_2018",
             "saumamba_convert_cvc=dataset_conversion.cvc_clinicdb:main",
+            "saumamba_convert_checkpoint=nnunetv2_sa_umamba.checkpoints:main",
         ]
     },
 )

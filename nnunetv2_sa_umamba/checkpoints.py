@@ -337,7 +337,7 @@ def reference_to_nnunet(state_dict: Mapping[str, torch.Tensor], in_channels: int
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m nnunetv2_sa_umamba.checkpoints``: released checkpoint -> nnU-Net ``-pretrained_weights`` file."""
     parser = argparse.ArgumentParser(
-        prog="python -m nnunetv2_sa_umamba.checkpoints",
+        prog="saumamba_convert_checkpoint",
         description="Turn a checkpoint of the released SA-UMamba / VM-UNet training scripts (best.pth, latest.pth) "
                     "into a file for nnUNetv2_train ... -pretrained_weights FILE (with -tr nnUNetTrainerSAUMamba, "
                     "or nnUNetTrainerVMUNet for a VM-UNet checkpoint).")

@@ -61,6 +61,13 @@ def test_wrong_input_channels_is_a_clear_error():
         model(torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 64, 64), (1, 3, 0, 64), (2, 3, 64, 0)])
+def test_empty_input_is_a_clear_error(shape):
+    model = SAUMamba(3, 2, **SMALL)
+    with pytest.raises(ValueError, match=r"empty input .* at least one image of at least 1 x 1 pixels"):
+        model(torch.zeros(shape))
+
+
 def test_ablation_switches_build_what_they_say():
     vm_unet = SAUMamba(**SMALL, rfac=False, residual_scale=False)
     scale_only = SAUMamba(**SMALL, rfac=False)
