@@ -26,10 +26,12 @@ from nnunetv2_sa_umamba.demo.dataset import DEMO_DATASET_ID, generate_demo_datas
 from nnunetv2_sa_umamba.demo.run import (MARKER, DemoError, DemoLayout, baseline_dice, case_dice,
                                          nnunet_command, nnunet_environment, predict_command, prepare_output_folder,
                                          resolve_device, train_command, write_overlay)
+from nnunetv2_sa_umamba.ext_trainers import trainer_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TRAINER = "nnUNetTrainerSAUMamba_tiny"
+TRAINER = "nnUNetTrainerSAUMamba_tiny"  # tests/trainers/saumamba_test_trainers.py
+TEST_TRAINERS = Path(__file__).resolve().parent / "trainers"
 NUM_TRAIN, NUM_TEST, IMAGE_SIZE = 5, 2, 32
 
 
@@ -131,11 +133,18 @@ def test_cuda_without_gpu_is_refused():
 
 def test_environment_points_nnunet_inside_the_demo_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_raw", "/users/own/nnUNet_raw")
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     env = nnunet_environment(DemoLayout(tmp_path, TRAINER), "cpu")
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         assert Path(env[name]).parent == tmp_path
     assert Path(env["nnUNet_extTrainer"], "saumamba_trainers.py").is_file()
     assert env["nnUNet_compile"] == "false"
+
+
+def test_environment_keeps_the_users_trainer_folders_after_ours(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([str(TEST_TRAINERS), trainer_dir(), "/users/more"]))
+    env = nnunet_environment(DemoLayout(tmp_path, TRAINER), "cpu")
+    assert env["nnUNet_extTrainer"].split(os.pathsep) == [trainer_dir(), str(TEST_TRAINERS), "/users/more"]
 
 
 def test_console_scripts_are_found_next_to_python_then_on_path(tmp_path, monkeypatch):
@@ -212,7 +221,10 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e") / "demo"
     layout = DemoLayout(root, TRAINER)
     # fewest worker processes: at this size starting them (each imports torch) costs more than it saves
-    env = nnunet_environment(layout, "cpu") | {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"}
+    # the tiny trainer lives with the tests; the demo keeps it on nnUNet_extTrainer after ours
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("nnUNet_extTrainer", str(TEST_TRAINERS))
+        env = nnunet_environment(layout, "cpu") | {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"}
     # subprocesses import the checkout under test, whether or not it is the installed copy
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     output = _run([BIN / "saumamba_demo", "-o", root, "--trainer", TRAINER, "--num-train", NUM_TRAIN,

@@ -102,10 +102,13 @@ def prepare_output_folder(root: Path, keep: bool, params: dict) -> bool:
 
 
 def nnunet_environment(layout: DemoLayout, device: str) -> dict[str, str]:
-    """Environment for nnU-Net's subprocesses: its three folders inside the demo folder, our trainers."""
+    """Environment for nnU-Net's subprocesses: its three folders inside the demo folder, our trainers (and after
+    them any trainer folders ``nnUNet_extTrainer`` already names, so ``--trainer`` can pick the user's own)."""
     env = dict(os.environ)
+    own_folders = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != trainer_dir()]
     env.update(nnUNet_raw=str(layout.raw), nnUNet_preprocessed=str(layout.preprocessed),
-               nnUNet_results=str(layout.results), nnUNet_extTrainer=trainer_dir(), PYTHONUNBUFFERED="1")
+               nnUNet_results=str(layout.results), nnUNet_extTrainer=os.pathsep.join([trainer_dir(), *own_folders]),
+               PYTHONUNBUFFERED="1")
     # nnU-Net defaults to 8-12 worker processes; on a small machine they only compete with training.
     num_workers = str(min(os.cpu_count() or 1, 4))
     env.setdefault("nnUNet_def_n_proc", num_workers)

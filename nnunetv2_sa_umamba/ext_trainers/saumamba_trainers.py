@@ -8,4 +8,4 @@ from nnunetv2_sa_umamba.training.variants.network_architecture import (  # noqa:
 from nnunetv2_sa_umamba.training.variants.optimizer import nnUNetTrainerSAUMambaPaperLR, nnUNetTrainerSAUMambaSGD  # noqa: F401
 from nnunetv2_sa_umamba.training.variants.training_length import (  # noqa: F401
     nnUNetTrainerSAUMamba_1epoch, nnUNetTrainerSAUMamba_5epochs, nnUNetTrainerSAUMamba_300epochs)
-from nnunetv2_sa_umamba.training.variants.demo import nnUNetTrainerSAUMamba_tiny, nnUNetTrainerSAUMambaDemo  # noqa: F401
+from nnunetv2_sa_umamba.training.variants.demo import nnUNetTrainerSAUMambaDemo  # noqa: F401

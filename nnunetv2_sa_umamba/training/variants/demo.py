@@ -1,4 +1,4 @@
-"""Short schedules for the demo (``saumamba_demo``) and the end-to-end tests; only the run length changes."""
+"""The demo's short schedule (``saumamba_demo``); only the run length changes."""
 import torch
 
 from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import nnUNetTrainerSAUMamba
@@ -16,14 +16,3 @@ class nnUNetTrainerSAUMambaDemo(nnUNetTrainerSAUMamba):
         self.num_val_iterations_per_epoch = 2
         self.save_every = 4
 
-
-class nnUNetTrainerSAUMamba_tiny(nnUNetTrainerSAUMamba):
-    """Two epochs of two iterations: exercises every stage of nnU-Net's workflow in seconds (tests)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1

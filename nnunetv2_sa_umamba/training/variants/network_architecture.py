@@ -27,8 +27,11 @@ class nnUNetTrainerSAUMambaRSSSDecoder(nnUNetTrainerSAUMamba):
 
 
 class nnUNetTrainerSAUMambaReference(nnUNetTrainerSAUMamba):
-    """The released code's operations (float32 scan inputs, einsum projections, rearranged RFAConv): same
-    values, slower. Weights are interchangeable with the default trainer's."""
+    """The speed baseline: training as the released code runs it, which differs from the default trainer in three
+    switches, set together on purpose: its operations (``implementation``: float32 scan inputs, einsum projections,
+    rearranged RFAConv; same values, slower), torch's default AdamW (``fused_optimizer``) and kernel-by-kernel
+    launches (``cuda_graphs``; nnUNetTrainerSAUMambaNoCudaGraphs changes only that one). A subclass that sets one
+    attribute changes one thing. Weights are interchangeable with the default trainer's."""
     implementation = "reference"
     fused_optimizer = False
     cuda_graphs = False
