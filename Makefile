@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_CONSTRAINTS ?= constraints.txt
 PIP_INDEX_ARGS ?=
 
-.PHONY: venv install demo test test-cuda benchmark clean
+.PHONY: venv install demo lint test test-cuda benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/saumamba_demo
+
+lint: install
+	$(BIN)/ruff check .
 
 test: install
 	$(BIN)/python -m pytest -q tests
