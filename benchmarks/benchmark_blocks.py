@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# the script's own folder is on sys.path: its sibling's timing helpers
-from benchmark_network import DTYPES, median_ms, synchronize
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.modules.blocks import (PatchEmbed, PatchExpand, PatchMerging, RSSSBlock,
-                                               VSSBlock)
+from nnunetv2_sa_umamba.modules.blocks import PatchEmbed, PatchExpand, PatchMerging, RSSSBlock, VSSBlock
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
 from nnunetv2_sa_umamba.modules.ss2d import NUM_DIRECTIONS, SS2D, scan_dtype
 from nnunetv2_sa_umamba.ops.policy import kernel_policy
 from nnunetv2_sa_umamba.ops.scan import selective_scan
+
+# the script's own folder is on sys.path: its sibling's timing helpers
+from benchmark_network import DTYPES, median_ms, synchronize
 
 MODULE_TYPES = (RSSSBlock, VSSBlock, SS2D, RFAConv, PatchEmbed, PatchMerging, PatchExpand)
 

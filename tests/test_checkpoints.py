@@ -5,9 +5,17 @@ import pytest
 import torch
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.checkpoints import (CheckpointError, load_reference_checkpoint, load_reference_weights,
-                                            load_state_dict_file, load_vmamba_pretrained, main, ours_to_reference,
-                                            reference_to_nnunet, reference_to_ours)
+from nnunetv2_sa_umamba.checkpoints import (
+    CheckpointError,
+    load_reference_checkpoint,
+    load_reference_weights,
+    load_state_dict_file,
+    load_vmamba_pretrained,
+    main,
+    ours_to_reference,
+    reference_to_nnunet,
+    reference_to_ours,
+)
 
 SMALL = dict(dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), decoder_depths=(2, 2, 2, 1))
 

@@ -6,9 +6,15 @@ import torch
 from torch import nn
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.training.cuda_graphs import (MAX_INFERENCE_GRAPHS, disable_inference_graphs,
-                                                     disable_training_graphs, enable_inference_graphs,
-                                                     enable_training_graphs, graphs_enabled, graphs_recorded)
+from nnunetv2_sa_umamba.training.cuda_graphs import (
+    MAX_INFERENCE_GRAPHS,
+    disable_inference_graphs,
+    disable_training_graphs,
+    enable_inference_graphs,
+    enable_training_graphs,
+    graphs_enabled,
+    graphs_recorded,
+)
 
 SMALL = dict(dims=(24, 48, 96, 192))
 

@@ -23,9 +23,20 @@ from PIL import Image
 
 from nnunetv2_sa_umamba.demo import run as demo_run_module
 from nnunetv2_sa_umamba.demo.dataset import DEMO_DATASET_ID, generate_demo_dataset, synthesize_case
-from nnunetv2_sa_umamba.demo.run import (MARKER, DemoError, DemoLayout, baseline_dice, case_dice,
-                                         nnunet_command, nnunet_environment, predict_command, prepare_output_folder,
-                                         resolve_device, train_command, write_overlay)
+from nnunetv2_sa_umamba.demo.run import (
+    MARKER,
+    DemoError,
+    DemoLayout,
+    baseline_dice,
+    case_dice,
+    nnunet_command,
+    nnunet_environment,
+    predict_command,
+    prepare_output_folder,
+    resolve_device,
+    train_command,
+    write_overlay,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -14,15 +14,13 @@ from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, save_json, \
-    subfiles
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, save_json, subfiles
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 from tqdm import tqdm
 
-from nnunetv2_sa_umamba.evaluation.metrics import confusion_counts, cvc_image_metrics, pooled_metrics, \
-    synapse_metrics
+from nnunetv2_sa_umamba.evaluation.metrics import confusion_counts, cvc_image_metrics, pooled_metrics, synapse_metrics
 
 PROTOCOLS = ("synapse", "isic", "cvc")
 SYNAPSE_KEYS = ("Dice", "HD95", "HD95_mm")

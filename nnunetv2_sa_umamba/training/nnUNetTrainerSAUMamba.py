@@ -21,8 +21,12 @@ from torch._dynamo import OptimizedModule
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
 from nnunetv2_sa_umamba.ops.policy import FUSED_OPERATORS, KernelPolicy, kernel_policy
 from nnunetv2_sa_umamba.ops.scan import resolve_backend
-from nnunetv2_sa_umamba.training.cuda_graphs import (disable_inference_graphs, disable_training_graphs,
-                                                     enable_inference_graphs, enable_training_graphs)
+from nnunetv2_sa_umamba.training.cuda_graphs import (
+    disable_inference_graphs,
+    disable_training_graphs,
+    enable_inference_graphs,
+    enable_training_graphs,
+)
 from nnunetv2_sa_umamba.training.lr_schedule import WarmupDecayLRScheduler, batch_scaled_lr, warmup_epochs_for
 from nnunetv2_sa_umamba.training.nonfinite import NonFiniteTrainingError, SkippedStepCounter
 
