@@ -70,7 +70,8 @@ def case_name(frame: int) -> str:
 
 def _frame_key(path: Path) -> str | None:
     if path.suffix.lower() not in _EXTENSIONS:
-        raise ConversionError(f"{path}: unexpected file (CVC-ClinicDB frames are 1.tif ... 612.tif, .png or .jpg); remove it")
+        raise ConversionError(f"{path}: unexpected file (CVC-ClinicDB frames are 1.tif ... 612.tif, .png or .jpg); "
+                              "remove it")
     if not re.fullmatch(r"\d+", path.stem):
         raise ConversionError(f"{path}: file name is not a frame number (CVC-ClinicDB frames are 1.tif ... 612.tif); "
                               f"remove or rename it")

@@ -60,7 +60,7 @@ def test_generated_dataset_is_nnunet_raw_format(tmp_path):
         labels = sorted((folder / f"labels{split}").iterdir())
         assert [p.name for p in images] == [f"{prefix}_{i:03d}_0000.png" for i in range(count)]
         assert [p.name for p in labels] == [f"{prefix}_{i:03d}.png" for i in range(count)]
-        for image_file, label_file in zip(images, labels):
+        for image_file, label_file in zip(images, labels, strict=True):
             image, label = Image.open(image_file), np.asarray(Image.open(label_file))
             assert image.mode == "RGB" and image.size == (48, 48)
             assert label.shape == (48, 48) and label.dtype == np.uint8

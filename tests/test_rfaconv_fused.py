@@ -96,7 +96,7 @@ def test_network_with_fused_rfaconv_matches_unfused(monkeypatch):
     y_ref.square().mean().backward()
     assert _max_rel(y_fast, y_ref) < 1e-4
     checked = 0
-    for (name, p_fast), (_, p_ref) in zip(fast.named_parameters(), unfused.named_parameters()):
+    for (name, p_fast), (_, p_ref) in zip(fast.named_parameters(), unfused.named_parameters(), strict=True):
         if p_ref.grad is not None and p_ref.grad.abs().max() > 0 and "out_conv.bias" not in name:
             assert _max_rel(p_fast.grad, p_ref.grad) < 1e-3, name
             checked += 1
@@ -182,7 +182,7 @@ def test_matrix_product_features_match_multiply_adds():
                       ("backward_reduce",
                        lambda p: kernels.backward_reduce(x, wf, wc, scale, shift, grad_weighted, p))):
         assert name in kernels.DOT_CONFIGS
-        for by_dot, multiply_adds in zip(run("tf32"), run("ieee")):
+        for by_dot, multiply_adds in zip(run("tf32"), run("ieee"), strict=True):
             assert _norm_rel(by_dot, multiply_adds) < tolerance, name
 
 

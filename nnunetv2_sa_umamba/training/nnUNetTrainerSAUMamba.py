@@ -254,7 +254,7 @@ def _check_input_is_finite(batch: dict, data: torch.Tensor) -> None:
     if all(finite):
         return
     keys = batch.get("keys", [f"sample {i}" for i in range(len(finite))])
-    bad = [str(key) for key, ok in zip(keys, finite) if not ok]
+    bad = [str(key) for key, ok in zip(keys, finite, strict=True) if not ok]
     raise ValueError(f"The training input of case(s) {', '.join(bad)} contains NaN or inf after nnU-Net's "
                      "preprocessing. Check these images in nnUNet_raw (e.g. with nnUNetv2_plan_and_preprocess "
                      "--verify_dataset_integrity), fix or remove them, and preprocess again.")
