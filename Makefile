@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_CONSTRAINTS ?= constraints.txt
 PIP_INDEX_ARGS ?=
 
-.PHONY: venv install demo test test-cuda benchmark clean
+.PHONY: venv install demo lint test test-fast test-cuda benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,16 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/saumamba_demo
 
+lint: install
+	$(BIN)/ruff check .
+
+# all tests: what CI runs
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# the inner loop: all but the end-to-end runs through nnU-Net's command-line tools (marked `slow`)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 test-cuda: install
 	$(BIN)/python -m pytest -q -m cuda tests

@@ -28,8 +28,9 @@ setup(
     extras_require={
         # mamba-ssm compiles its CUDA kernels at install time; install torch with CUDA first.
         "cuda": ["mamba-ssm>=2.2.2"],
-        # triton runs the fused kernels on the CPU in its interpreter for the tests (CUDA builds of torch ship it)
-        "test": ["pytest", "triton>=3.0; platform_system == \"Linux\""],
+        # triton runs the fused kernels on the CPU in its interpreter for the tests (CUDA builds of torch ship it);
+        # ruff is `make lint`'s linter (0.6.9 and 0.17.6 checked; a later minor version may add rules)
+        "test": ["pytest", "triton>=3.0; platform_system == \"Linux\"", "ruff>=0.6,<0.18"],
     },
     entry_points={
         "console_scripts": [

@@ -103,7 +103,8 @@ def nnunet_command(name: str) -> str:
     # on PATH, or next to this interpreter (a virtual environment that is not activated)
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
-        raise SystemExit(f"{name} not found on PATH: install nnU-Net (pip install nnunetv2) or activate its environment")
+        raise SystemExit(f"{name} not found on PATH: install nnU-Net (pip install nnunetv2) "
+                         "or activate its environment")
     return path
 
 
@@ -287,8 +288,8 @@ def _fmt(value, pattern: str = "{:.4f}") -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = ("| trainer | batch | epochs x iterations | s / epoch (first) | test Dice | test IoU | nnU-Net test Dice | "
-              "val pseudo-Dice final / best | skipped steps (loss / gradient) | NaN-loss epochs |")
+    header = ("| trainer | batch | epochs x iterations | s / epoch (first) | test Dice | test IoU | "
+              "nnU-Net test Dice | val pseudo-Dice final / best | skipped steps (loss / gradient) | NaN-loss epochs |")
     lines = [header, "|" + "|".join(["---"] + ["---:"] * 9) + "|"]
     for row in rows:
         lines.append(
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     finished = train(ws, names, args.fold, args.sequential, None if args.stop_after is None else 60 * args.stop_after,
                      da_workers, args.device)
     rows = []
-    for trainer, name in zip(args.trainers, names):
+    for trainer, name in zip(args.trainers, names, strict=True):
         folder = ws.output_folder(name, args.fold)
         row = {"trainer": trainer, "run_name": name, "epochs": args.epochs, "iterations": args.iterations,
                "batch_size": args.batch_size or _planned_batch_size(ws),

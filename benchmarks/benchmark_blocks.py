@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# the script's own folder is on sys.path: its sibling's timing helpers
-from benchmark_network import DTYPES, median_ms, synchronize
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.modules.blocks import (PatchEmbed, PatchExpand, PatchMerging, RSSSBlock,
-                                               VSSBlock)
+from nnunetv2_sa_umamba.modules.blocks import PatchEmbed, PatchExpand, PatchMerging, RSSSBlock, VSSBlock
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
 from nnunetv2_sa_umamba.modules.ss2d import NUM_DIRECTIONS, SS2D, scan_dtype
 from nnunetv2_sa_umamba.ops.policy import kernel_policy
 from nnunetv2_sa_umamba.ops.scan import selective_scan
+
+# the script's own folder is on sys.path: its sibling's timing helpers
+from benchmark_network import DTYPES, median_ms, synchronize
 
 MODULE_TYPES = (RSSSBlock, VSSBlock, SS2D, RFAConv, PatchEmbed, PatchMerging, PatchExpand)
 
@@ -119,8 +119,9 @@ def measure_implementation(args, implementation: str, device: torch.device) -> l
     for (name, shape, kwargs, module), count in captured_inputs(model, x, autocast).items():
         first_new = len(rows)
         inp = torch.randn(shape, device=device, requires_grad=True)
+        module_kwargs = dict(kwargs)
 
-        def run_module(t, module=module, kwargs=dict(kwargs)):
+        def run_module(t, module=module, kwargs=module_kwargs):
             with autocast:
                 return module(t, **kwargs)
 
@@ -128,12 +129,12 @@ def measure_implementation(args, implementation: str, device: torch.device) -> l
         shape_text = "x".join(map(str, shape))
         rows.append(Row(implementation, name, shape_text, count, fwd, fwd_bwd, held))
         if name == "SS2D":
-            a, ds, dt_bias = module.scan_parameters()
+            a, ds, dt_bias = (t.detach() for t in module.scan_parameters())
             with autocast:
                 dtype_of_scan = scan_dtype(inp) if implementation == "fast" else torch.float32
             tensors = scan_inputs(module, shape, device, dtype_of_scan)
 
-            def run_scan(u, delta, bs, cs, module=module, a=a.detach(), ds=ds.detach(), bias=dt_bias.detach()):
+            def run_scan(u, delta, bs, cs, module=module, a=a, ds=ds, bias=dt_bias):
                 return selective_scan(u, delta, a, bs, cs, ds, delta_bias=bias, delta_softplus=True,
                                       backend=module.kernels.scan)
 

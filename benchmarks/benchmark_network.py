@@ -37,8 +37,7 @@ from torch import nn
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
 from nnunetv2_sa_umamba.ops.policy import kernel_policy
 from nnunetv2_sa_umamba.ops.scan import available_backends
-from nnunetv2_sa_umamba.training.cuda_graphs import (enable_inference_graphs, enable_training_graphs,
-                                                     graphs_recorded)
+from nnunetv2_sa_umamba.training.cuda_graphs import enable_inference_graphs, enable_training_graphs, graphs_recorded
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -236,7 +236,7 @@ def seeded_partition(case_ids: Sequence[str], seed: int, sizes: Sequence[int]) -
         raise ValueError(f"sizes {list(sizes)} do not partition {len(case_ids)} cases")
     order = seeded_order(case_ids, seed)
     bounds = np.cumsum([0, *sizes])
-    return [sorted(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [sorted(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def share(n: int, tenths: int) -> int:

@@ -20,10 +20,30 @@ from pathlib import Path
 from typing import Literal
 
 from dataset_conversion.common import (
-    DEFAULT_NUM_WORKERS, RGB_CHANNEL_NAMES, SPLIT_RECORD, ConversionError, add_common_arguments,
-    atomic_dataset_dir, convert_image_mask_pair, find_child_dir, index_files, make_nnunet_dirs, pair_by_key,
-    parallel_map, positive_int, require_dir, resolve_dataset_dir, run_cli, seeded_order, seeded_partition, share,
-    walk_dirs, verify_with_nnunet, write_dataset_json, write_json, write_splits_final,
+    DEFAULT_NUM_WORKERS,
+    RGB_CHANNEL_NAMES,
+    SPLIT_RECORD,
+    ConversionError,
+    add_common_arguments,
+    atomic_dataset_dir,
+    convert_image_mask_pair,
+    find_child_dir,
+    index_files,
+    make_nnunet_dirs,
+    pair_by_key,
+    parallel_map,
+    positive_int,
+    require_dir,
+    resolve_dataset_dir,
+    run_cli,
+    seeded_order,
+    seeded_partition,
+    share,
+    verify_with_nnunet,
+    walk_dirs,
+    write_dataset_json,
+    write_json,
+    write_splits_final,
 )
 
 DEFAULT_DATASET_ID = 804
@@ -50,7 +70,8 @@ def case_name(frame: int) -> str:
 
 def _frame_key(path: Path) -> str | None:
     if path.suffix.lower() not in _EXTENSIONS:
-        raise ConversionError(f"{path}: unexpected file (CVC-ClinicDB frames are 1.tif ... 612.tif, .png or .jpg); remove it")
+        raise ConversionError(f"{path}: unexpected file (CVC-ClinicDB frames are 1.tif ... 612.tif, .png or .jpg); "
+                              "remove it")
     if not re.fullmatch(r"\d+", path.stem):
         raise ConversionError(f"{path}: file name is not a frame number (CVC-ClinicDB frames are 1.tif ... 612.tif); "
                               f"remove or rename it")

@@ -18,10 +18,29 @@ from pathlib import Path
 from typing import Literal
 
 from dataset_conversion.common import (
-    DEFAULT_NUM_WORKERS, RGB_CHANNEL_NAMES, SPLIT_RECORD, ConversionError, add_common_arguments,
-    atomic_dataset_dir, convert_image_mask_pair, find_child_dir, index_files, make_nnunet_dirs, pair_by_key,
-    parallel_map, positive_int, require_dir, resolve_dataset_dir, run_cli, seeded_partition, share,
-    unwrap_same_name, verify_with_nnunet, write_dataset_json, write_json, write_splits_final,
+    DEFAULT_NUM_WORKERS,
+    RGB_CHANNEL_NAMES,
+    SPLIT_RECORD,
+    ConversionError,
+    add_common_arguments,
+    atomic_dataset_dir,
+    convert_image_mask_pair,
+    find_child_dir,
+    index_files,
+    make_nnunet_dirs,
+    pair_by_key,
+    parallel_map,
+    positive_int,
+    require_dir,
+    resolve_dataset_dir,
+    run_cli,
+    seeded_partition,
+    share,
+    unwrap_same_name,
+    verify_with_nnunet,
+    write_dataset_json,
+    write_json,
+    write_splits_final,
 )
 
 Split = Literal["auto", "official", "7:3", "archive"]

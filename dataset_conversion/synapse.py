@@ -22,9 +22,24 @@ import numpy as np
 import SimpleITK as sitk
 
 from dataset_conversion.common import (
-    DEFAULT_NUM_WORKERS, SPLIT_RECORD, ConversionError, add_common_arguments, atomic_dataset_dir, find_child_dir,
-    index_files, is_ignorable, make_nnunet_dirs, pair_by_key, parallel_map, require_dir, resolve_dataset_dir,
-    run_cli, verify_with_nnunet, walk_dirs, write_dataset_json, write_json,
+    DEFAULT_NUM_WORKERS,
+    SPLIT_RECORD,
+    ConversionError,
+    add_common_arguments,
+    atomic_dataset_dir,
+    find_child_dir,
+    index_files,
+    is_ignorable,
+    make_nnunet_dirs,
+    pair_by_key,
+    parallel_map,
+    require_dir,
+    resolve_dataset_dir,
+    run_cli,
+    verify_with_nnunet,
+    walk_dirs,
+    write_dataset_json,
+    write_json,
 )
 
 DEFAULT_DATASET_ID = 801

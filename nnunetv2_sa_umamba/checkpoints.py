@@ -167,7 +167,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
-    except Exception as error:  # any unpickling or format failure means the file is not a usable checkpoint
+    except Exception as error:  # noqa: BLE001 - any unpickling or format failure: not a usable checkpoint
         raise CheckpointError(_failure_message(path, error)) from None
     for wrapper in _WRAPPERS:
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):

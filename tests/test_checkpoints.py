@@ -5,9 +5,17 @@ import pytest
 import torch
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.checkpoints import (CheckpointError, load_reference_checkpoint, load_reference_weights,
-                                            load_state_dict_file, load_vmamba_pretrained, main, ours_to_reference,
-                                            reference_to_nnunet, reference_to_ours)
+from nnunetv2_sa_umamba.checkpoints import (
+    CheckpointError,
+    load_reference_checkpoint,
+    load_reference_weights,
+    load_state_dict_file,
+    load_vmamba_pretrained,
+    main,
+    ours_to_reference,
+    reference_to_nnunet,
+    reference_to_ours,
+)
 
 SMALL = dict(dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), decoder_depths=(2, 2, 2, 1))
 
@@ -63,7 +71,8 @@ def _vmamba_small_like_checkpoint(dims=(16, 32, 64, 128), in_channels=3) -> dict
     """Encoder keys of a VMamba v0 classifier (depths 2, 2, 27, 2) in the real layout, plus its head."""
     encoder = SAUMamba(in_channels, 1, dims=dims, depths=(2, 2, 27, 2), decoder_depths=(1, 1, 1, 1),
                        rfac=False, residual_scale=False)
-    state = {k: v for k, v in ours_to_reference(encoder.state_dict()).items() if not k.startswith(("layers_up", "final"))}
+    state = {k: v for k, v in ours_to_reference(encoder.state_dict()).items()
+             if not k.startswith(("layers_up", "final"))}
     state["classifier.norm.weight"] = torch.ones(dims[-1])
     state["classifier.head.weight"] = torch.zeros(1000, dims[-1])
     return state
@@ -79,7 +88,8 @@ def test_vmamba_loader_fills_encoder_and_decoder(tmp_path):
     report = load_vmamba_pretrained(model, path)
     state = model.state_dict()
     assert torch.equal(state["patch_embed.proj.weight"], checkpoint["patch_embed.proj.weight"])
-    assert torch.equal(state["encoder_stages.2.blocks.1.ss2d.A_logs"], checkpoint["layers.2.blocks.1.self_attention.A_logs"])
+    assert torch.equal(state["encoder_stages.2.blocks.1.ss2d.A_logs"],
+                       checkpoint["layers.2.blocks.1.self_attention.A_logs"])
     # layers.0 -> decoder stage 3, layers.3 -> decoder stage 0
     assert torch.equal(state["decoder_stages.3.blocks.0.ss2d.in_proj.weight"],
                        checkpoint["layers.0.blocks.0.self_attention.in_proj.weight"])
@@ -102,7 +112,8 @@ def test_vmamba_loader_sums_rgb_filters_for_one_channel_input(tmp_path):
     # a 1-channel image through summed filters equals the image repeated to RGB through the originals
     image = torch.randn(1, 1, 8, 8)
     torch.testing.assert_close(torch.nn.functional.conv2d(image, expected, stride=4),
-                               torch.nn.functional.conv2d(image.repeat(1, 3, 1, 1), checkpoint["patch_embed.proj.weight"], stride=4))
+                               torch.nn.functional.conv2d(image.repeat(1, 3, 1, 1),
+                                                          checkpoint["patch_embed.proj.weight"], stride=4))
 
 
 def test_vmamba_loader_reports_shape_mismatches(tmp_path):

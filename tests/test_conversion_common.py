@@ -15,8 +15,19 @@ import pytest
 from PIL import Image
 
 from dataset_conversion.common import (
-    ConversionError, atomic_dataset_dir, binarize_mask, convert_image_mask_pair, pair_by_key, parallel_map,
-    read_mask, read_rgb, resolve_dataset_dir, run_cli, seeded_partition, share, write_splits_final,
+    ConversionError,
+    atomic_dataset_dir,
+    binarize_mask,
+    convert_image_mask_pair,
+    pair_by_key,
+    parallel_map,
+    read_mask,
+    read_rgb,
+    resolve_dataset_dir,
+    run_cli,
+    seeded_partition,
+    share,
+    write_splits_final,
 )
 
 

@@ -15,8 +15,14 @@ import tifffile
 from PIL import Image
 
 from dataset_conversion.common import ConversionError
-from dataset_conversion.cvc_clinicdb import (SEQUENCE_FRAMES, convert_cvc_clinicdb, cvc_split, cvc_video_split, main,
-                                             sequence_of)
+from dataset_conversion.cvc_clinicdb import (
+    SEQUENCE_FRAMES,
+    convert_cvc_clinicdb,
+    cvc_split,
+    cvc_video_split,
+    main,
+    sequence_of,
+)
 
 
 def make_cvc(root: Path, frames: int = 20, png: bool = False, names=("Original", "Ground Truth"),

@@ -34,7 +34,7 @@ def make_official(root: Path, year: int, counts=(7, 3, 3)) -> dict[str, tuple[np
     Returns {ISIC ID: (decoded RGB, mask, part)}."""
     rng = np.random.default_rng(year)
     cases, number = {}, 0
-    for part, count in zip(("train", "val", "test"), counts):
+    for part, count in zip(("train", "val", "test"), counts, strict=True):
         image_dir, mask_dir = (root / name for name in FOLDERS[year][part])
         image_dir.mkdir(parents=True)
         mask_dir.mkdir()
@@ -62,7 +62,7 @@ def make_archive(root: Path, counts=(6, 3)) -> dict[str, tuple[np.ndarray, np.nd
     """VM-UNet's archive: isic17/{train,val}/{images,masks}/ISIC_XXXXXXX.png."""
     rng = np.random.default_rng(7)
     cases, number = {}, 0
-    for part, count in zip(("train", "val"), counts):
+    for part, count in zip(("train", "val"), counts, strict=True):
         (root / "isic17" / part / "images").mkdir(parents=True)
         (root / "isic17" / part / "masks").mkdir()
         for _ in range(count):

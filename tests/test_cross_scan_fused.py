@@ -61,7 +61,7 @@ def test_ss2d_with_fused_cross_scan_matches_unfused():
     (y, gx, grads), (y_ref, gx_ref, grads_ref) = results
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
-    for g, g_ref in zip(grads, grads_ref):
+    for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 

@@ -6,9 +6,15 @@ import torch
 from torch import nn
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.training.cuda_graphs import (MAX_INFERENCE_GRAPHS, disable_inference_graphs,
-                                                     disable_training_graphs, enable_inference_graphs,
-                                                     enable_training_graphs, graphs_enabled, graphs_recorded)
+from nnunetv2_sa_umamba.training.cuda_graphs import (
+    MAX_INFERENCE_GRAPHS,
+    disable_inference_graphs,
+    disable_training_graphs,
+    enable_inference_graphs,
+    enable_training_graphs,
+    graphs_enabled,
+    graphs_recorded,
+)
 
 SMALL = dict(dims=(24, 48, 96, 192))
 
@@ -112,8 +118,8 @@ def test_graphed_training_matches_eager_training(autocast_dtype, monkeypatch):
     replayed = _train_steps(graphed, inputs, autocast_dtype)
     assert graphs_recorded(graphed)
     checked_steps = 4 if autocast_dtype is None else 1
-    for kind, exp, rep, gra in zip(("output", "gradient"), expected, repeated, replayed):
-        for step, (e, r, g) in enumerate(zip(exp, rep, gra)):
+    for kind, exp, rep, gra in zip(("output", "gradient"), expected, repeated, replayed, strict=True):
+        for step, (e, r, g) in enumerate(zip(exp, rep, gra, strict=True)):
             noise, error = _relative_error(r, e), _relative_error(g, e)
             print(f"[{autocast_dtype}] step {step} {kind}: eager vs eager {noise:.1e}, graphs vs eager {error:.1e}")
             if step < checked_steps and (kind == "output" or autocast_dtype is None):
@@ -147,7 +153,7 @@ def test_gradients_accumulated_over_steps_match_eager():
         for x in inputs:  # one backward per batch, gradients summed, never zeroed
             (network(x).float() ** 2).mean().backward()
     assert graphs_recorded(graphed)
-    for (name, a), b in zip(graphed.named_parameters(), eager.parameters()):
+    for (name, a), b in zip(graphed.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
@@ -233,9 +239,9 @@ def test_inference_graphs_match_the_ordinary_forward(autocast_dtype):
     with torch.inference_mode(), autocast:
         outputs = [network(x) for x in inputs]
         assert graphs_recorded(network, "inference") == 1
-        for x, output in zip(inputs, outputs):
+        for x, output in zip(inputs, outputs, strict=True):
             # all heads (deep supervision), and each call's outputs survive the later replays
-            for got, expected in zip(output, eager(x)):
+            for got, expected in zip(output, eager(x), strict=True):
                 torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
         network.load_state_dict({k: v * 1.01 if v.is_floating_point() else v for k, v in network.state_dict().items()})
         torch.testing.assert_close(network(inputs[0])[0], eager(inputs[0])[0], rtol=1e-3, atol=1e-3)

@@ -23,9 +23,20 @@ from PIL import Image
 
 from nnunetv2_sa_umamba.demo import run as demo_run_module
 from nnunetv2_sa_umamba.demo.dataset import DEMO_DATASET_ID, generate_demo_dataset, synthesize_case
-from nnunetv2_sa_umamba.demo.run import (MARKER, DemoError, DemoLayout, baseline_dice, case_dice,
-                                         nnunet_command, nnunet_environment, predict_command, prepare_output_folder,
-                                         resolve_device, train_command, write_overlay)
+from nnunetv2_sa_umamba.demo.run import (
+    MARKER,
+    DemoError,
+    DemoLayout,
+    baseline_dice,
+    case_dice,
+    nnunet_command,
+    nnunet_environment,
+    predict_command,
+    prepare_output_folder,
+    resolve_device,
+    train_command,
+    write_overlay,
+)
 from nnunetv2_sa_umamba.ext_trainers import trainer_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +62,7 @@ def test_generated_dataset_is_nnunet_raw_format(tmp_path):
         labels = sorted((folder / f"labels{split}").iterdir())
         assert [p.name for p in images] == [f"{prefix}_{i:03d}_0000.png" for i in range(count)]
         assert [p.name for p in labels] == [f"{prefix}_{i:03d}.png" for i in range(count)]
-        for image_file, label_file in zip(images, labels):
+        for image_file, label_file in zip(images, labels, strict=True):
             image, label = Image.open(image_file), np.asarray(Image.open(label_file))
             assert image.mode == "RGB" and image.size == (48, 48)
             assert label.shape == (48, 48) and label.dtype == np.uint8

@@ -41,7 +41,7 @@ def test_deep_supervision_outputs_follow_output_scales():
     with torch.no_grad():
         outputs = model(torch.randn(2, 3, 64, 128))
     assert len(outputs) == len(SAUMamba.output_scales())
-    for output, scale in zip(outputs, SAUMamba.output_scales()):
+    for output, scale in zip(outputs, SAUMamba.output_scales(), strict=True):
         assert output.shape == (2, 4, int(64 * scale), int(128 * scale))
 
 
@@ -194,5 +194,5 @@ def test_full_network_forward_backward_on_cuda(autocast_dtype, monkeypatch):
     if autocast_dtype is None:
         assert max(errors["fast"]) < 1e-4
     else:
-        for fast_error, ref_error in zip(errors["fast"], errors["reference"]):
+        for fast_error, ref_error in zip(errors["fast"], errors["reference"], strict=True):
             assert fast_error < max(2 * ref_error, 1e-2)

@@ -10,8 +10,13 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import cdist
 
-from nnunetv2_sa_umamba.evaluation.metrics import confusion_counts, cvc_image_metrics, hd95, pooled_metrics, \
-    synapse_metrics
+from nnunetv2_sa_umamba.evaluation.metrics import (
+    confusion_counts,
+    cvc_image_metrics,
+    hd95,
+    pooled_metrics,
+    synapse_metrics,
+)
 from nnunetv2_sa_umamba.evaluation.paper_metrics import EvaluationError, evaluate_folders, main
 
 

@@ -12,6 +12,7 @@ from nnunetv2_sa_umamba.ops.scan import interface as dispatch
 from nnunetv2_sa_umamba.ops.scan import kernels as scan_kernels
 from nnunetv2_sa_umamba.ops.scan import resolve_backend, selective_scan
 from nnunetv2_sa_umamba.ops.scan.cuda_backend import kernel_available
+
 from test_selective_scan import make_inputs, rel_err, report, run, with_dtype
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,8 +11,12 @@ import torch
 
 from nnunetv2_sa_umamba.ops.policy import SCAN_ENV_VAR as ENV
 from nnunetv2_sa_umamba.ops.policy import kernel_policy
-from nnunetv2_sa_umamba.ops.scan import (available_backends, resolve_backend, selective_scan,
-                                         selective_scan_lowrank_delta)
+from nnunetv2_sa_umamba.ops.scan import (
+    available_backends,
+    resolve_backend,
+    selective_scan,
+    selective_scan_lowrank_delta,
+)
 from nnunetv2_sa_umamba.ops.scan import cuda_backend as scan_cuda
 from nnunetv2_sa_umamba.ops.scan import interface as dispatch
 from nnunetv2_sa_umamba.ops.scan.reference import selective_scan_reference

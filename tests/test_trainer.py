@@ -12,10 +12,12 @@ from nnunetv2_sa_umamba.modules.rfaconv import RFAConv
 from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import nnUNetTrainerSAUMamba
 from nnunetv2_sa_umamba.training.variants.initialization import nnUNetTrainerSAUMambaImageNet
 from nnunetv2_sa_umamba.training.variants.network_architecture import (
-    nnUNetTrainerSAUMambaNoCudaGraphs, nnUNetTrainerSAUMambaNoDeepSupervision, nnUNetTrainerSAUMambaReference,
-    nnUNetTrainerSAUMambaRSSSDecoder, nnUNetTrainerVMUNet)
-from nnunetv2_sa_umamba.training.variants.optimizer import nnUNetTrainerSAUMambaSGD
-from nnunetv2_sa_umamba.training.variants.training_length import nnUNetTrainerSAUMamba_300epochs
+    nnUNetTrainerSAUMambaNoCudaGraphs,
+    nnUNetTrainerSAUMambaNoDeepSupervision,
+    nnUNetTrainerSAUMambaReference,
+    nnUNetTrainerSAUMambaRSSSDecoder,
+    nnUNetTrainerVMUNet,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

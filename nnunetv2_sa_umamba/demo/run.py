@@ -21,8 +21,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from nnunetv2_sa_umamba.demo.dataset import (DEMO_DATASET_ID, FILE_ENDING, LABELS, dataset_folder_name,
-                                             generate_demo_dataset)
+from nnunetv2_sa_umamba.demo.dataset import (
+    DEMO_DATASET_ID,
+    FILE_ENDING,
+    LABELS,
+    dataset_folder_name,
+    generate_demo_dataset,
+)
 from nnunetv2_sa_umamba.ext_trainers import trainer_dir
 
 MARKER = ".saumamba_demo.json"

@@ -14,15 +14,13 @@ from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, save_json, \
-    subfiles
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, save_json, subfiles
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 from tqdm import tqdm
 
-from nnunetv2_sa_umamba.evaluation.metrics import confusion_counts, cvc_image_metrics, pooled_metrics, \
-    synapse_metrics
+from nnunetv2_sa_umamba.evaluation.metrics import confusion_counts, cvc_image_metrics, pooled_metrics, synapse_metrics
 
 PROTOCOLS = ("synapse", "isic", "cvc")
 SYNAPSE_KEYS = ("Dice", "HD95", "HD95_mm")
@@ -169,7 +167,7 @@ def read_label_map(reader: BaseReaderWriter, path: str, declared_values: Sequenc
         raise EvaluationError(f"{path} is empty (0 bytes). Fix: predict or copy this case again.")
     try:
         seg, properties = reader.read_seg(path)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - whatever the reader raises, the file cannot be evaluated
         raise EvaluationError(f"{path} cannot be read by {type(reader).__name__} ({_reader_message(error)}). "
                               "Fix: check the file is a valid segmentation in dataset.json's file_ending.") from None
     if seg.shape[0] != 1:
@@ -222,7 +220,7 @@ def evaluate_case(case: Tuple[str, str, str], reader_class: Type[BaseReaderWrite
         return result
     foreground = list(labels.values())
     counts = confusion_counts(np.isin(pred, foreground), np.isin(ref, foreground))
-    result.update(zip(COUNT_KEYS, counts))
+    result.update(zip(COUNT_KEYS, counts, strict=True))
     if protocol == "cvc":
         result.update(cvc_image_metrics(*counts))
     return result

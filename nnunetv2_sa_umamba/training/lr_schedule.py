@@ -51,7 +51,8 @@ class WarmupDecayLRScheduler(_LRScheduler):
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.initial_lr * (step + 1) / (self.warmup_steps + 1)
-        progress = min(step - self.warmup_steps, self.max_steps - self.warmup_steps) / (self.max_steps - self.warmup_steps)
+        decay_steps = self.max_steps - self.warmup_steps
+        progress = min(step - self.warmup_steps, decay_steps) / decay_steps
         if self.decay == "poly":
             return self.initial_lr * (1 - progress) ** 0.9
         return self.min_lr + (self.initial_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -21,8 +21,12 @@ from torch._dynamo import OptimizedModule
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
 from nnunetv2_sa_umamba.ops.policy import FUSED_OPERATORS, KernelPolicy, kernel_policy
 from nnunetv2_sa_umamba.ops.scan import resolve_backend
-from nnunetv2_sa_umamba.training.cuda_graphs import (disable_inference_graphs, disable_training_graphs,
-                                                     enable_inference_graphs, enable_training_graphs)
+from nnunetv2_sa_umamba.training.cuda_graphs import (
+    disable_inference_graphs,
+    disable_training_graphs,
+    enable_inference_graphs,
+    enable_training_graphs,
+)
 from nnunetv2_sa_umamba.training.lr_schedule import WarmupDecayLRScheduler, batch_scaled_lr, warmup_epochs_for
 from nnunetv2_sa_umamba.training.nonfinite import NonFiniteTrainingError, SkippedStepCounter
 
@@ -250,7 +254,7 @@ def _check_input_is_finite(batch: dict, data: torch.Tensor) -> None:
     if all(finite):
         return
     keys = batch.get("keys", [f"sample {i}" for i in range(len(finite))])
-    bad = [str(key) for key, ok in zip(keys, finite) if not ok]
+    bad = [str(key) for key, ok in zip(keys, finite, strict=True) if not ok]
     raise ValueError(f"The training input of case(s) {', '.join(bad)} contains NaN or inf after nnU-Net's "
                      "preprocessing. Check these images in nnUNet_raw (e.g. with nnUNetv2_plan_and_preprocess "
                      "--verify_dataset_integrity), fix or remove them, and preprocess again.")

@@ -24,7 +24,7 @@ NUM_WARPS = 4
 
 @triton.jit
 def _line(pid, num_lines, n, stride_i, stride_j, chunk, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D):
-    """Image b, (BLOCK_N, 1) positions p (row-major index inside the image) and scan indices l of this chunk of
+    """Image b, (BLOCK_N, 1) positions p (row-major index inside the image) and scan indices pos of this chunk of
     the line, their mask; (1, BLOCK_D) channels and mask."""
     b = pid // num_lines
     i = pid % num_lines
@@ -37,23 +37,23 @@ def _line(pid, num_lines, n, stride_i, stride_j, chunk, BLOCK_N: tl.constexpr, B
 def _scan_kernel(x_ptr, xs_ptr, num_lines, n, stride_i, stride_j, D, L, k_forward, k_reversed,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     for chunk in range(tl.cdiv(n, BLOCK_N)):
-        b, p, l, mask_n, offs_d, mask_d = _line(tl.program_id(0), num_lines, n, stride_i, stride_j, chunk,
-                                                BLOCK_N, BLOCK_D, D)
+        b, p, pos, mask_n, offs_d, mask_d = _line(tl.program_id(0), num_lines, n, stride_i, stride_j, chunk,
+                                                  BLOCK_N, BLOCK_D, D)
         mask = mask_n & mask_d
         values = tl.load(x_ptr + (b * L + p) * D + offs_d, mask=mask).to(xs_ptr.dtype.element_ty)
-        tl.store(xs_ptr + ((b * 4 + k_forward) * D + offs_d) * L + l, values, mask=mask)
-        tl.store(xs_ptr + ((b * 4 + k_reversed) * D + offs_d) * L + (L - 1 - l), values, mask=mask)
+        tl.store(xs_ptr + ((b * 4 + k_forward) * D + offs_d) * L + pos, values, mask=mask)
+        tl.store(xs_ptr + ((b * 4 + k_reversed) * D + offs_d) * L + (L - 1 - pos), values, mask=mask)
 
 
 @triton.jit
 def _merge_kernel(ys_ptr, y_ptr, num_lines, n, stride_i, stride_j, D, L, k_forward, k_reversed,
                   ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     for chunk in range(tl.cdiv(n, BLOCK_N)):
-        b, p, l, mask_n, offs_d, mask_d = _line(tl.program_id(0), num_lines, n, stride_i, stride_j, chunk,
-                                                BLOCK_N, BLOCK_D, D)
+        b, p, pos, mask_n, offs_d, mask_d = _line(tl.program_id(0), num_lines, n, stride_i, stride_j, chunk,
+                                                  BLOCK_N, BLOCK_D, D)
         mask = mask_n & mask_d
-        total = tl.load(ys_ptr + ((b * 4 + k_forward) * D + offs_d) * L + l, mask=mask).to(tl.float32)
-        total += tl.load(ys_ptr + ((b * 4 + k_reversed) * D + offs_d) * L + (L - 1 - l), mask=mask).to(tl.float32)
+        total = tl.load(ys_ptr + ((b * 4 + k_forward) * D + offs_d) * L + pos, mask=mask).to(tl.float32)
+        total += tl.load(ys_ptr + ((b * 4 + k_reversed) * D + offs_d) * L + (L - 1 - pos), mask=mask).to(tl.float32)
         out_ptrs = y_ptr + (b * L + p) * D + offs_d
         if ACCUMULATE:
             total += tl.load(out_ptrs, mask=mask).to(tl.float32)

@@ -74,7 +74,7 @@ class _RFAConvChain(torch.autograd.Function):
         del grad_weighted
         grad_x = kernels.backward_input(x, wf, grad_f, grad_pooled)
         grads = (grad_x, grad_wf, grad_wc, grad_gamma, grad_beta, grad_w_out, grad_b_out)
-        return tuple(g.to(dtype) for g, dtype in zip(grads, ctx.grad_dtypes)) + (None,) * 4
+        return tuple(g.to(dtype) for g, dtype in zip(grads, ctx.grad_dtypes, strict=True)) + (None,) * 4
 
 
 def _batch_norm_statistics(bn: nn.BatchNorm2d, x: torch.Tensor, wf: torch.Tensor, compute_dtype: torch.dtype):

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from nnunetv2_sa_umamba.ops.common import RFACONV_POSITIONS as POSITIONS
+
 BLOCK_K = 16  # the 9 positions, padded to a power of two
 # (positions per tile, channels per tile, warps, tiles per program) per kernel; programs that reduce over
 # positions loop over several tiles so that fewer partial sums meet in atomic adds

@@ -52,7 +52,7 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     C = C.repeat_interleave(per_group, dim=1)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
-    for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+    for delta_t, u_t, B_t, C_t in zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1), strict=True):
         h = torch.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t
         ys.append((h * C_t).sum(-1))
     return finish_output(torch.stack(ys, dim=-1), u, D, out_dtype)

@@ -1,8 +1,6 @@
 """ImageNet initialisation from a VMamba-S v0 checkpoint, as the paper trains."""
 import os
 
-import torch
-
 from nnunetv2_sa_umamba.checkpoints import CheckpointError, load_vmamba_pretrained
 from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import nnUNetTrainerSAUMamba
 
