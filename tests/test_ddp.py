@@ -64,6 +64,7 @@ def _train_two_steps(rank: int, world_size: int, port: int, result_file: str) ->
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes, each importing torch and building the network
 def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     port = 29500 + os.getpid() % 1000
     mp.spawn(_train_two_steps, args=(2, port, str(tmp_path / "checksum")), nprocs=2, join=True)

@@ -78,6 +78,7 @@ def test_nchw_interface_matches_channels_last():
     torch.testing.assert_close(fast(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), fast(x, channels_last=True))
 
 
+@pytest.mark.slow  # the whole network in Triton's CPU interpreter: half a minute; the kernels alone are tested above
 def test_network_with_fused_rfaconv_matches_unfused(monkeypatch):
     """The whole network, fused vs unfused RFAConv and nothing else switched (the other operators run PyTorch's
     operations in both), output and every parameter gradient.
