@@ -1,4 +1,9 @@
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import cache
 
 import pytest
 import torch
@@ -15,3 +20,53 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+# --------------------------------------------------------------- tests of read-only files and folders
+# Root writes into read-only folders (CAP_DAC_OVERRIDE), so there such a test would prove nothing. Where that is the
+# case, a test marked `read_only` runs again in a child pytest that has dropped the capability (util-linux's
+# setpriv) and passes or fails with it.
+_CHILD_FLAG = "SAUMAMBA_TEST_WITHOUT_DAC_OVERRIDE"
+_DROP_DAC = ["--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all", "--"]
+
+
+@cache
+def permissions_enforced() -> bool:
+    """Whether this process is refused writes into a read-only folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o555)
+        try:
+            open(os.path.join(folder, "probe"), "w").close()
+        except PermissionError:
+            return True
+        finally:
+            os.chmod(folder, 0o755)
+    return False
+
+
+@cache
+def _setpriv_drops_dac() -> str | None:
+    """setpriv's path when it can drop the capability here, else None."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.environ.get(_CHILD_FLAG):
+        return None
+    probe = subprocess.run([setpriv, *_DROP_DAC, "true"], capture_output=True)
+    return setpriv if probe.returncode == 0 else None
+
+
+def pytest_runtest_setup(item):
+    if "read_only" in item.keywords and not permissions_enforced() and _setpriv_drops_dac() is None:
+        pytest.skip("this user writes into read-only folders and cannot drop that capability (setpriv)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    if "read_only" not in pyfuncitem.keywords or permissions_enforced():
+        return None
+    child = subprocess.run(
+        [_setpriv_drops_dac(), *_DROP_DAC, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         pyfuncitem.nodeid], cwd=pyfuncitem.config.rootpath, env=os.environ | {_CHILD_FLAG: "1"},
+        capture_output=True, text=True, timeout=600)
+    passed = child.returncode == 0 and " passed" in child.stdout and " skipped" not in child.stdout
+    assert passed, f"without CAP_DAC_OVERRIDE the test did not pass:\n{child.stdout[-3000:]}\n{child.stderr[-2000:]}"
+    return True

@@ -1,7 +1,5 @@
 """Tests of the paper's metrics (issue 5): hand-computable values, an independent HD95, folder I/O and errors."""
 import json
-import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -396,19 +394,7 @@ def test_unwritable_output_is_refused_before_evaluating(tmp_path, monkeypatch):
                          num_processes=1)
 
 
-def _permissions_enforced() -> bool:
-    with tempfile.TemporaryDirectory() as folder:
-        os.chmod(folder, 0o555)
-        try:
-            open(os.path.join(folder, "probe"), "w").close()
-        except PermissionError:
-            return True
-        finally:
-            os.chmod(folder, 0o755)
-    return False
-
-
-@pytest.mark.skipif(not _permissions_enforced(), reason="this user writes into read-only folders")
+@pytest.mark.read_only
 def test_read_only_prediction_folder_is_refused_before_evaluating(tmp_path):
     ref, pred = _nifti_pair(tmp_path)
     pred.chmod(0o555)
