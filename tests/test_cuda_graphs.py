@@ -140,9 +140,12 @@ def test_graphed_training_matches_eager_training(autocast_dtype, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_gradients_accumulated_over_steps_match_eager():
+def test_gradients_accumulated_over_steps_match_eager(monkeypatch):
     """Without zeroing between steps the replay's static gradient buffers would be counted twice (PyTorch issue
-    181723): such steps run the ordinary forward, and the sums match eager ones."""
+    181723): such steps run the ordinary forward, and the sums match eager ones. Compared per parameter as a
+    relative norm: atomic adds make single small elements differ between any two runs (an element-wise check
+    failed now and then), while a gradient counted twice is off by a third or more."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     eager = SAUMamba(3, 2, drop_path_rate=0.0, **SMALL).cuda()
     graphed = SAUMamba(3, 2, drop_path_rate=0.0, **SMALL).cuda()
@@ -154,7 +157,10 @@ def test_gradients_accumulated_over_steps_match_eager():
             (network(x).float() ** 2).mean().backward()
     assert graphs_recorded(graphed)
     for (name, a), b in zip(graphed.named_parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
+        if b.grad.norm() > 0:
+            assert _relative_error(a.grad, b.grad) < 1e-3, name
+        else:
+            assert a.grad.norm() == 0, name
 
 
 @pytest.mark.cuda
