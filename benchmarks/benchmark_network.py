@@ -16,6 +16,8 @@ time, the host's kernel launches, not the GPU, set the pace.
 
     python benchmarks/benchmark_network.py                       # CUDA, batch 28 x 3 x 256 x 256 and 1 x 512 x 512
     python benchmarks/benchmark_network.py --smoke --json out.json   # tiny CPU run (used by the tests)
+    python benchmarks/benchmark_network.py --cold-start --models fast+graphs --shapes 5x3x64 27x3x256 --dtypes fp16
+                                                  # start-up of a training on a fresh machine: empty kernel caches
 """
 from __future__ import annotations
 
@@ -23,9 +25,12 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -99,15 +104,20 @@ def _graph_pool_idle_bytes(device: torch.device) -> int:
                if segment.get("device", index) == index and tuple(segment["segment_pool_id"]) != (0, 0))
 
 
-def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str, warmup: int,
-            iters: int, fused_optimizer: bool = False) -> tuple[float, float, float, float | None]:
-    """(train step ms, its host issue ms, inference ms, peak training GiB or None off CUDA)."""
-    device = x.device
+def _autocast(device: torch.device, dtype_name: str):
     dtype = DTYPES[dtype_name]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str,
+                  fused_optimizer: bool = False):
+    """A function running one training step: forward, cross-entropy, backward, AdamW step (with a GradScaler
+    under fp16, as nnU-Net trains)."""
+    device = x.device
+    autocast = _autocast(device, dtype_name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2,
                                   fused=fused_optimizer and device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=DTYPES[dtype_name] is torch.float16)
     loss_fn = nn.CrossEntropyLoss()
 
     def train_step():
@@ -117,6 +127,16 @@ def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+
+    return train_step
+
+
+def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str, warmup: int,
+            iters: int, fused_optimizer: bool = False) -> tuple[float, float, float, float | None]:
+    """(train step ms, its host issue ms, inference ms, peak training GiB or None off CUDA)."""
+    device = x.device
+    autocast = _autocast(device, dtype_name)
+    train_step = training_step(model, x, target, dtype_name, fused_optimizer)
 
     def infer():
         with torch.no_grad(), autocast:
@@ -209,6 +229,92 @@ def run(args) -> list[Row]:
     return rows
 
 
+@dataclass
+class ColdStart:
+    shape: str
+    dtype: str
+    model: str
+    kernel_cache: str
+    process_s: float | None = None
+    build_s: float | None = None
+    first_step_s: float | None = None
+    next_steps_s: float | None = None
+    steady_ms: float | None = None
+    note: str = ""
+
+
+def _cold_start_child(args) -> dict:
+    """Run in a fresh process: the network built and moved to the device (the CUDA context included), then its
+    first training steps one by one, then the median of steady steps."""
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    (batch, channels, size), dtype_name = args.shapes[0], args.dtypes[0]
+    build = dict(model_specs(args, channels, args.classes, size, device))[args.cold_start_child]
+    torch.manual_seed(0)
+    model = build().to(device).train()
+    x = torch.randn(batch, channels, size, size, device=device)
+    target = torch.randint(0, args.classes, (batch, size, size), device=device)
+    synchronize(device)
+    build_s = time.perf_counter() - started
+    step = training_step(model, x, target, dtype_name, fused_optimizer=args.cold_start_child.startswith("fast"))
+    seconds = []
+    for _ in range(args.cold_start_steps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return {"build_s": build_s, "first_step_s": seconds[0], "next_steps_s": sum(seconds[1:]),
+            "steady_ms": median_ms(step, device, 0, args.iters)}
+
+
+def cold_start(args) -> list[ColdStart]:
+    """Each model's start in a new Python process with empty kernel caches (Triton's and Inductor's, in a
+    temporary folder), or with the caches in ``--kernel-cache`` (a second run there shows their reuse)."""
+    device = torch.device(args.device)
+    rows = []
+    for batch, channels, size in args.shapes:
+        names = [name for name, _ in model_specs(args, channels, args.classes, size, device)]
+        for dtype_name in args.dtypes:
+            for name in names:
+                with tempfile.TemporaryDirectory() as empty:
+                    cache = args.kernel_cache or Path(empty)
+                    env = os.environ | {"TRITON_CACHE_DIR": str(cache / "triton"),
+                                        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+                    argv = [sys.executable, str(Path(__file__).resolve()), "--cold-start-child", name,
+                            "--device", args.device, "--shapes", f"{batch}x{channels}x{size}", "--dtypes", dtype_name,
+                            "--classes", str(args.classes), "--iters", str(args.iters),
+                            "--cold-start-steps", str(args.cold_start_steps)]
+                    argv += ["--smoke"] * args.smoke + ["--no-cudnn-benchmark"] * args.no_cudnn_benchmark
+                    start = time.perf_counter()
+                    child = subprocess.run(argv, env=env, capture_output=True, text=True)
+                    row = ColdStart(f"{batch}x{channels}x{size}x{size}", dtype_name, name,
+                                    str(args.kernel_cache) if args.kernel_cache else "empty",
+                                    process_s=time.perf_counter() - start)
+                if child.returncode == 0:
+                    for key, value in json.loads(child.stdout.strip().splitlines()[-1]).items():
+                        setattr(row, key, value)
+                else:
+                    lines = child.stderr.strip().splitlines()
+                    row.note = f"failed: {lines[-1] if lines else f'exit status {child.returncode}'}"
+                rows.append(row)
+                print(format_cold_start(row), flush=True)
+    return rows
+
+
+def format_cold_start(row: ColdStart) -> str:
+    def fmt(value: float | None, spec: str) -> str:
+        return format(value, spec) if value is not None else "-"
+
+    return (f"| {row.shape} | {row.dtype} | {row.model} | {row.kernel_cache} | {fmt(row.process_s, '.1f')} | "
+            f"{fmt(row.build_s, '.1f')} | {fmt(row.first_step_s, '.2f')} | {fmt(row.next_steps_s, '.2f')} | "
+            f"{fmt(row.steady_ms, '.1f')} | {row.note} |")
+
+
+COLD_START_HEADER = ("| input | precision | model | kernel cache | whole process (s) | network built (s) | "
+                     "first step (s) | next steps (s) | steady step (ms) | note |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|")
+
+
 def _reference_row(row: Row, rows: list[Row]) -> Row | None:
     return next((r for r in rows if r.shape == row.shape and r.dtype == row.dtype and r.model == "reference"), None)
 
@@ -253,6 +359,15 @@ def parse_args(argv=None):
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
                         help="leave cudnn.benchmark off (nnU-Net's training turns it on)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run: narrow network, 1x3x64, fp32, 1 iter")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="instead of the speed table: each model's start in a new process with empty kernel "
+                             "caches (building the network, its first steps, then a steady step)")
+    parser.add_argument("--cold-start-steps", type=int, default=5, metavar="N",
+                        help="with --cold-start: first steps timed one by one (default 5)")
+    parser.add_argument("--kernel-cache", type=Path, default=None, metavar="DIR",
+                        help="with --cold-start: keep Triton's and Inductor's caches in DIR instead of empty "
+                             "temporary ones (run twice to see the caches reused)")
+    parser.add_argument("--cold-start-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--profile", type=Path, default=None,
                         help="also write torch.profiler's top CUDA kernels of a training step per model here")
@@ -263,6 +378,8 @@ def parse_args(argv=None):
         args.warmup, args.iters = 0, 1
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ["28x3x256", "1x1x512"])]
     args.dtypes = args.dtypes or (["fp32", "bf16", "fp16"] if args.device.startswith("cuda") else ["fp32"])
+    if args.cold_start_steps < 1:
+        parser.error("--cold-start-steps must be at least 1")
     return args
 
 
@@ -270,10 +387,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+    if args.cold_start_child:
+        print(json.dumps(_cold_start_child(args)))
+        return 0
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device_name} | torch {torch.__version__} | scan backends: {scan_backends(device)}")
-    print(HEADER)
-    rows = run(args)
+    print(COLD_START_HEADER if args.cold_start else HEADER)
+    rows = cold_start(args) if args.cold_start else run(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__,

@@ -42,3 +42,27 @@ def test_block_benchmark_smoke_mode_covers_every_module(tmp_path):
         assert counts["RFAConv"] == 8 and counts["RSSSBlock"] == 8 and counts["VSSBlock"] == 7
         assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] >= 0 for r in mine)
     assert "| fast | RFAConv |" in result.stdout
+
+
+def test_cold_start_times_each_model_in_a_new_process(tmp_path):
+    out = tmp_path / "cold.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_network.py"), "--smoke",
+                             "--device", "cpu", "--cold-start", "--cold-start-steps", "2", "--models", "reference",
+                             "nnunet_plain", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["reference", "nnunet_plain"]
+    for r in rows:
+        assert r["note"] == "" and r["kernel_cache"] == "empty"
+        assert r["build_s"] > 0 and r["first_step_s"] > 0 and r["next_steps_s"] > 0 and r["steady_ms"] > 0
+        # the parent's clock covers the child's whole life: imports, building, every step
+        assert r["process_s"] > r["build_s"] + r["first_step_s"] + r["next_steps_s"]
+    assert "| 1x3x64x64 | fp32 | reference | empty |" in result.stdout
+
+
+def test_cold_start_reports_a_failed_child_and_goes_on(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_network.py"), "--smoke",
+                             "--device", "cpu", "--cold-start", "--cold-start-steps", "1", "--classes", "0",
+                             "--models", "nnunet_plain"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "| nnunet_plain | empty |" in result.stdout and "failed:" in result.stdout
