@@ -301,13 +301,14 @@ def cold_start(args) -> list[ColdStart]:
     return rows
 
 
-def format_cold_start(row: ColdStart) -> str:
-    def fmt(value: float | None, spec: str) -> str:
-        return format(value, spec) if value is not None else "-"
+def _fmt(value: float | None, spec: str) -> str:
+    return format(value, spec) if value is not None else "-"
 
-    return (f"| {row.shape} | {row.dtype} | {row.model} | {row.kernel_cache} | {fmt(row.process_s, '.1f')} | "
-            f"{fmt(row.build_s, '.1f')} | {fmt(row.first_step_s, '.2f')} | {fmt(row.next_steps_s, '.2f')} | "
-            f"{fmt(row.steady_ms, '.1f')} | {row.note} |")
+
+def format_cold_start(row: ColdStart) -> str:
+    return (f"| {row.shape} | {row.dtype} | {row.model} | {row.kernel_cache} | {_fmt(row.process_s, '.1f')} | "
+            f"{_fmt(row.build_s, '.1f')} | {_fmt(row.first_step_s, '.2f')} | {_fmt(row.next_steps_s, '.2f')} | "
+            f"{_fmt(row.steady_ms, '.1f')} | {row.note} |")
 
 
 COLD_START_HEADER = ("| input | precision | model | kernel cache | whole process (s) | network built (s) | "
@@ -325,15 +326,11 @@ def _ratio(base: float | None, value: float | None) -> str:
 
 def format_row(row: Row, rows: list[Row]) -> str:
     ref = _reference_row(row, rows) or row
-
-    def fmt(value: float | None, spec: str) -> str:
-        return format(value, spec) if value is not None else "-"
-
     memory_ratio = (f"{row.peak_train_gib / ref.peak_train_gib:.2f}"
                     if row.peak_train_gib and ref.peak_train_gib else "-")
-    return (f"| {row.shape} | {row.dtype} | {row.model} | {row.params_m:.2f} | {fmt(row.train_ms, '.1f')} | "
-            f"{fmt(row.train_issue_ms, '.1f')} | {_ratio(ref.train_ms, row.train_ms)} | {fmt(row.infer_ms, '.1f')} | "
-            f"{_ratio(ref.infer_ms, row.infer_ms)} | {fmt(row.peak_train_gib, '.2f')} | {memory_ratio} | "
+    return (f"| {row.shape} | {row.dtype} | {row.model} | {row.params_m:.2f} | {_fmt(row.train_ms, '.1f')} | "
+            f"{_fmt(row.train_issue_ms, '.1f')} | {_ratio(ref.train_ms, row.train_ms)} | {_fmt(row.infer_ms, '.1f')} | "
+            f"{_ratio(ref.infer_ms, row.infer_ms)} | {_fmt(row.peak_train_gib, '.2f')} | {memory_ratio} | "
             f"{row.note} |")
 
 
