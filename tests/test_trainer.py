@@ -268,3 +268,22 @@ def test_nnunet_predictor_with_inference_graphs_matches_kernel_by_kernel(nnunet_
     assert graphs_recorded(networks[0], "inference") == 1 and not graphs_recorded(networks[1], "inference")
     assert logits[0].shape == (2, 1, 150, 200)
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-2, atol=1e-2)
+
+
+def test_variants_set_nnunets_run_length_and_a_misspelled_name_is_refused(nnunet_folders):
+    from nnunetv2_sa_umamba.training.variants.demo import nnUNetTrainerSAUMambaDemo
+    from nnunetv2_sa_umamba.training.variants.training_length import nnUNetTrainerSAUMamba_300epochs
+
+    demo = make_trainer(nnUNetTrainerSAUMambaDemo)
+    assert (demo.num_epochs, demo.num_iterations_per_epoch, demo.num_val_iterations_per_epoch,
+            demo.save_every) == (14, 12, 2, 4)
+    paper = make_trainer(nnUNetTrainerSAUMamba_300epochs)
+    default = make_trainer(nnUNetTrainerSAUMamba)
+    assert (paper.num_epochs, default.num_epochs) == (300, 1000)
+    assert paper.num_iterations_per_epoch == default.num_iterations_per_epoch == 250
+
+    class Misspelled(nnUNetTrainerSAUMamba):
+        run_length = {"num_epoch": 3}
+
+    with pytest.raises(AttributeError, match="num_epoch"):
+        make_trainer(Misspelled)

@@ -48,6 +48,9 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
     cuda_graphs: bool = True  # training steps and prediction replayed as CUDA graphs (single GPU, not compiled)
     scale_lr_to_batch: bool = True  # initial_lr * sqrt(batch / 32) (lr_schedule.py)
     warmup: bool = True  # linear warm-up over 5 % of the epochs (1-10)
+    # nnU-Net's run-length attributes that a variant changes (num_epochs, num_iterations_per_epoch,
+    # num_val_iterations_per_epoch, save_every); nnU-Net sets them in __init__, so they are applied there
+    run_length: dict[str, int] = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -73,6 +76,11 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         self.lr_decay = "cosine"
         self.grad_clip_norm = 12.0  # nnU-Net's
         self.skipped_steps = SkippedStepCounter()
+        for name, value in self.run_length.items():
+            if not hasattr(self, name):
+                raise AttributeError(f"{type(self).__name__}.run_length names {name!r}, which nnU-Net's trainer "
+                                     "does not have")
+            setattr(self, name, value)
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
