@@ -109,6 +109,12 @@ def _autocast(device: torch.device, dtype_name: str):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def uses_fused_optimizer(model_name: str) -> bool:
+    """Each row trains with its trainer's optimizer: fused AdamW for the fast path (on CUDA), torch's default
+    AdamW for the reference (the released code's) and nnU-Net's U-Net."""
+    return model_name.startswith("fast")
+
+
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str,
                   fused_optimizer: bool = False):
     """A function running one training step: forward, cross-entropy, backward, AdamW step (with a GradScaler
@@ -206,8 +212,7 @@ def run(args) -> list[Row]:
                 params = sum(p.numel() for p in model.parameters()) / 1e6
                 row = Row(f"{batch}x{channels}x{size}x{size}", dtype_name, name, round(params, 2))
                 try:
-                    # each row trains with its trainer's optimizer: fused AdamW for the fast path on CUDA
-                    fused = name.startswith("fast")
+                    fused = uses_fused_optimizer(name)
                     row.train_ms, row.train_issue_ms, row.infer_ms, row.peak_train_gib = measure(
                         model, x, target, dtype_name, args.warmup, args.iters, fused)
                     if args.profile:
@@ -256,7 +261,7 @@ def _cold_start_child(args) -> dict:
     target = torch.randint(0, args.classes, (batch, size, size), device=device)
     synchronize(device)
     build_s = time.perf_counter() - started
-    step = training_step(model, x, target, dtype_name, fused_optimizer=args.cold_start_child.startswith("fast"))
+    step = training_step(model, x, target, dtype_name, fused_optimizer=uses_fused_optimizer(args.cold_start_child))
     seconds = []
     for _ in range(args.cold_start_steps):
         start = time.perf_counter()
