@@ -328,3 +328,18 @@ def test_find_best_configuration_and_export(demo, tmp_path):
         names = opened.namelist()
     archive.unlink()
     assert any(n.endswith(f"{layout.model.name}/fold_0/checkpoint_final.pth") for n in names)
+
+
+@pytest.mark.slow
+def test_epoch_pace_benchmark_times_the_trainers_own_loop(demo, tmp_path):
+    layout, env, _ = demo
+    result = tmp_path / "pace.json"
+    _run([sys.executable, REPO / "benchmarks" / "benchmark_epoch.py", "-d", DEMO_DATASET_ID, "--trainers", TRAINER,
+          "--da-workers", 0, 1, "--iterations", 2, "--warmup", 1, "--device", "cpu", "--json", result], env)
+    rows = json.loads(result.read_text())["rows"]
+    assert [row["da_workers"] for row in rows] == [0, 1]
+    for row in rows:
+        assert row["trainer"] == TRAINER and row["iterations"] == 2 and row["val_iterations"] == 1
+        # scaled to the tiny trainer's epoch of 2 training and 1 validation iterations
+        assert all(row[key] > 0 for key in ("data_only_s", "step_only_s", "training_s", "validation_s"))
+        assert row["paced_by"] in ("network", "data loading", "both")
