@@ -146,7 +146,9 @@ class SAUMamba(nn.Module):
             x = stage(x if u == 0 else x + skips[-u])
             decoder_outputs.append(x)
 
-        logits = self.head(self.final_expand(x).permute(0, 3, 1, 2))[..., :h, :w]
+        logits = self.head(self.final_expand(x).permute(0, 3, 1, 2))
+        if pad_h or pad_w:
+            logits = logits[..., :h, :w]
         if not self.deep_supervision:
             return logits
         outputs = [logits]

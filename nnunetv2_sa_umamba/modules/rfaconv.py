@@ -47,7 +47,9 @@ class RFAConv(nn.Module):
             return out if channels_last else out.permute(0, 3, 1, 2)
         if channels_last:
             # contiguous NCHW: cuDNN's grouped 3x3 conv is much slower on channels_last memory
-            return self._forward_unfused(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+            out = self._forward_unfused(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+            # the released code copies the result back to contiguous channel-last memory before the residual add
+            return out if self.kernels.fast else out.contiguous()
         return self._forward_unfused(x)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
