@@ -7,8 +7,9 @@ Every row is measured in one run on one device with the same batch, so ratios ar
                  default scan, training steps and inference replayed as graphs
   fast+compile   the fast path under torch.compile (only with --compile)
   nnunet_plain   nnU-Net's PlainConvUNet as nnU-Net plans it for 256x256 2D input (7 stages, 32..512)
-A training step is forward + cross-entropy + backward + AdamW step (fp16 with a GradScaler, as nnU-Net trains;
-the fast path's trainer uses fused AdamW on CUDA, the reference the released code's default AdamW);
+A training step is forward + cross-entropy + backward + AdamW step (lr 1e-3, weight decay 1e-2, as the released code
+trains; fp16 with a GradScaler, as nnU-Net trains; the fast path's trainer uses fused AdamW on CUDA, the other rows
+torch's default AdamW, which on CUDA is the multi-tensor "foreach" one, as the released code trains);
 inference is a no-grad forward in eval mode. Deep supervision is off for every network. Peak memory is the
 largest allocated total during the timed training steps plus what CUDA-graph pools reserve beyond it. "Host
 issue" is the time until a training step's Python call returns, before waiting for the GPU: close to the step
@@ -115,14 +116,22 @@ def uses_fused_optimizer(model_name: str) -> bool:
     return model_name.startswith("fast")
 
 
+def adamw(model: nn.Module, fused: bool, device: torch.device) -> torch.optim.AdamW:
+    """The released code's AdamW (lr 1e-3, weight decay 1e-2); ``fused``: torch's fused kernel on CUDA, else
+    torch's default implementation."""
+    # None, not False: an explicit fused=False also stops torch from choosing its multi-tensor (foreach)
+    # implementation on CUDA, and its single-tensor loop launches every update kernel once per parameter
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2,
+                             fused=True if fused and device.type == "cuda" else None)
+
+
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str,
                   fused_optimizer: bool = False):
-    """A function running one training step: forward, cross-entropy, backward, AdamW step (with a GradScaler
-    under fp16, as nnU-Net trains)."""
+    """A function running one training step: forward, cross-entropy, backward, AdamW step (``adamw``; with a
+    GradScaler under fp16, as nnU-Net trains)."""
     device = x.device
     autocast = _autocast(device, dtype_name)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2,
-                                  fused=fused_optimizer and device.type == "cuda")
+    optimizer = adamw(model, fused_optimizer, device)
     scaler = torch.amp.GradScaler(device.type, enabled=DTYPES[dtype_name] is torch.float16)
     loss_fn = nn.CrossEntropyLoss()
 

@@ -1,20 +1,43 @@
-"""The benchmark script's CPU smoke mode runs every row and writes its JSON."""
+"""The benchmark scripts' CPU smoke modes run every row and write their JSON; the network benchmark's optimizer."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-# each test runs a benchmark script end to end in its own Python process
-pytestmark = pytest.mark.slow
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+NETWORK_BENCHMARK = REPO / "benchmarks" / "benchmark_network.py"
+# a test that runs a benchmark script end to end in its own Python process
+slow = pytest.mark.slow
 
 
+@pytest.fixture
+def network_bench():
+    spec = importlib.util.spec_from_file_location("benchmark_network", NETWORK_BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_rows_without_fused_adamw_get_torchs_default_implementation(network_bench):
+    """fused=False given explicitly would also keep torch from its multi-tensor (foreach) AdamW on CUDA and run the
+    single-tensor loop, which the released code does not."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = network_bench.adamw(model, fused=False, device=torch.device("cuda"))
+    assert optimizer.defaults["fused"] is None and optimizer.defaults["foreach"] is None
+    assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == (1e-3, 1e-2)
+    assert not network_bench.uses_fused_optimizer("reference")
+
+
+@slow
 def test_benchmark_smoke_mode_writes_all_rows(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_network.py"), "--smoke",
+    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke",
                              "--device", "cpu", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["rows"]
@@ -25,6 +48,7 @@ def test_benchmark_smoke_mode_writes_all_rows(tmp_path):
     assert "| 1x3x64x64 | fp32 | reference |" in result.stdout
 
 
+@slow
 def test_block_benchmark_smoke_mode_covers_every_module(tmp_path):
     out = tmp_path / "blocks.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_blocks.py"), "--smoke",
@@ -44,9 +68,10 @@ def test_block_benchmark_smoke_mode_covers_every_module(tmp_path):
     assert "| fast | RFAConv |" in result.stdout
 
 
+@slow
 def test_cold_start_times_each_model_in_a_new_process(tmp_path):
     out = tmp_path / "cold.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_network.py"), "--smoke",
+    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke",
                              "--device", "cpu", "--cold-start", "--cold-start-steps", "2", "--models", "reference",
                              "nnunet_plain", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -60,9 +85,11 @@ def test_cold_start_times_each_model_in_a_new_process(tmp_path):
     assert "| 1x3x64x64 | fp32 | reference | empty |" in result.stdout
 
 
+@slow
 def test_cold_start_reports_a_failed_child_and_goes_on(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_network.py"), "--smoke",
+    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke",
                              "--device", "cpu", "--cold-start", "--cold-start-steps", "1", "--classes", "0",
                              "--models", "nnunet_plain"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| nnunet_plain | empty |" in result.stdout and "failed:" in result.stdout
+
