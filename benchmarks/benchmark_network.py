@@ -2,6 +2,11 @@
 
 Every row is measured in one run on one device with the same batch, so ratios are comparable. Rows:
   reference      our network on the released code's operations (the baseline for every speedup)
+  released       the released code itself (its VMUNet in the configuration of its configs/config_setting.py), only
+                 with --released-code DIR: DIR is a checkout of https://github.com/xiaomengxin123/SA-UMamba that you
+                 provide (never downloaded); it needs mamba-ssm's CUDA kernel, timm and einops. It trains like the
+                 reference, at full width also with --smoke; its parameters include modules it builds but never runs
+                 (DySample, iAFF: 1.63 M); its speedup column is relative to the reference row, as every other row's
   fast/<scan>    our fast path with each available selective-scan backend, kernel by kernel
   fast+graphs    the fast path with the CUDA graphs our trainer records on one GPU and nnUNetv2_predict replays:
                  default scan, training steps and inference replayed as graphs
@@ -17,6 +22,8 @@ time, the host's kernel launches, not the GPU, set the pace.
 
     python benchmarks/benchmark_network.py                       # CUDA, batch 28 x 3 x 256 x 256 and 1 x 512 x 512
     python benchmarks/benchmark_network.py --smoke --json out.json   # tiny CPU run (used by the tests)
+    python benchmarks/benchmark_network.py --released-code DIR --models reference released --shapes 28x3x256
+                                                  # our reference row next to the released code (DIR: its checkout)
     python benchmarks/benchmark_network.py --cold-start --models fast+graphs --shapes 5x3x64 27x3x256 --dtypes fp16
                                                   # start-up of a training on a fresh machine: empty kernel caches
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import math
 import os
@@ -191,10 +199,57 @@ def scan_backends(device: torch.device) -> list[str]:
             if b != "reference" and (b not in ("cuda", "triton") or device.type == "cuda")]
 
 
+RELEASED_REPOSITORY = "https://github.com/xiaomengxin123/SA-UMamba"
+RELEASED_MODULE = "models.vmunet.vmunet"
+# the released code's configs/config_setting.py (its VMUNet defaults are other depths); no checkpoint is loaded
+RELEASED_CONFIG = dict(depths=[2, 2, 2, 2], depths_decoder=[2, 2, 2, 1], drop_path_rate=0.2)
+
+
+class ReleasedCodeError(Exception):
+    pass
+
+
+def released_vmunet(code_dir: Path) -> type[nn.Module]:
+    """The released code's VMUNet class from ``code_dir``/models/vmunet/vmunet.py. Its modules import each other as
+    ``models.vmunet.*``, so ``code_dir`` is on sys.path while they load. Raises ReleasedCodeError naming the file
+    and what to do when it is missing or does not import."""
+    path = code_dir / Path(*RELEASED_MODULE.split(".")).with_suffix(".py")
+    if not path.is_file():
+        raise ReleasedCodeError(f"--released-code {code_dir}: {path} does not exist; pass the folder of a checkout "
+                                f"of {RELEASED_REPOSITORY} (the folder that holds models/)")
+    loaded = sys.modules.get(RELEASED_MODULE.split(".")[0])
+    if loaded is not None and code_dir.resolve() not in (Path(p).resolve().parent
+                                                         for p in getattr(loaded, "__path__", [])):
+        raise ReleasedCodeError(f"--released-code {code_dir}: another package named 'models' is already imported "
+                                f"({loaded}); run the benchmark from another folder")
+    sys.path.insert(0, str(code_dir))
+    try:
+        module = importlib.import_module(RELEASED_MODULE)
+    except Exception as err:  # whatever the released code raises while it loads
+        raise ReleasedCodeError(f"--released-code {code_dir}: importing VMUNet from {path} failed with "
+                                f"{type(err).__name__}: {err}. The released code needs mamba-ssm with its CUDA kernel "
+                                f"(mamba_ssm.ops.selective_scan_interface), timm and einops, and every file of its "
+                                f"models/vmunet/ folder") from err
+    finally:
+        sys.path.remove(str(code_dir))
+    if not hasattr(module, "VMUNet"):
+        raise ReleasedCodeError(f"--released-code {code_dir}: {path} defines no VMUNet; pass a checkout of "
+                                f"{RELEASED_REPOSITORY}")
+    return module.VMUNet
+
+
+def released_network(vmunet: type[nn.Module], in_channels: int, classes: int) -> nn.Module:
+    """The released network as its training scripts build it; for 1-channel images it is built for 3 channels
+    and repeats the image, as the released code trains Synapse."""
+    return vmunet(input_channels=3 if in_channels == 1 else in_channels, num_classes=classes, **RELEASED_CONFIG)
+
+
 def model_specs(args, in_channels: int, classes: int, size: int, device: torch.device):
     """(name, builder) for every row on this device."""
     arch = dict(dims=(24, 48, 96, 192)) if args.smoke else {}
     specs = [("reference", lambda: SAUMamba(in_channels, classes, kernels=kernel_policy("reference"), **arch))]
+    if args.released_vmunet is not None:
+        specs.append(("released", lambda: released_network(args.released_vmunet, in_channels, classes)))
     for backend in scan_backends(device):
         specs.append((f"fast/{backend}", lambda b=backend: SAUMamba(in_channels, classes,
                                                                      kernels=kernel_policy("fast", scan=b), **arch)))
@@ -299,6 +354,8 @@ def cold_start(args) -> list[ColdStart]:
                             "--classes", str(args.classes), "--iters", str(args.iters),
                             "--cold-start-steps", str(args.cold_start_steps)]
                     argv += ["--smoke"] * args.smoke + ["--no-cudnn-benchmark"] * args.no_cudnn_benchmark
+                    if args.released_code is not None:
+                        argv += ["--released-code", str(args.released_code)]
                     start = time.perf_counter()
                     child = subprocess.run(argv, env=env, capture_output=True, text=True)
                     row = ColdStart(f"{batch}x{channels}x{size}x{size}", dtype_name, name,
@@ -365,8 +422,12 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
     parser.add_argument("--models", nargs="+", default=None,
-                        help="only these rows (reference, fast/cuda, fast/triton, fast/torch, fast+graphs, "
-                             "fast+compile, nnunet_plain)")
+                        help="only these rows (reference, released, fast/cuda, fast/triton, fast/torch, "
+                             "fast+graphs, fast+compile, nnunet_plain)")
+    parser.add_argument("--released-code", type=Path, default=None, metavar="DIR",
+                        help=f"add a 'released' row: the released code's VMUNet, imported from "
+                             f"DIR/models/vmunet/vmunet.py (DIR: your checkout of {RELEASED_REPOSITORY}; it needs "
+                             f"mamba-ssm's CUDA kernel, timm and einops), trained like the reference row")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
                         help="leave cudnn.benchmark off (nnU-Net's training turns it on)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run: narrow network, 1x3x64, fp32, 1 iter")
@@ -391,6 +452,14 @@ def parse_args(argv=None):
     args.dtypes = args.dtypes or (["fp32", "bf16", "fp16"] if args.device.startswith("cuda") else ["fp32"])
     if args.cold_start_steps < 1:
         parser.error("--cold-start-steps must be at least 1")
+    if args.models and "released" in args.models and args.released_code is None:
+        parser.error(f"--models released needs --released-code DIR (a checkout of {RELEASED_REPOSITORY})")
+    args.released_vmunet = None
+    if args.released_code is not None:
+        try:
+            args.released_vmunet = released_vmunet(args.released_code)
+        except ReleasedCodeError as err:
+            parser.error(str(err))
     return args
 
 

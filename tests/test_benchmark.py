@@ -1,4 +1,5 @@
-"""The benchmark scripts' CPU smoke modes run every row and write their JSON; the network benchmark's optimizer."""
+"""The benchmark scripts' CPU smoke modes run every row and write their JSON; the network benchmark's optimizer and
+its row of the released code (a fake package stands in for the user's checkout of it)."""
 import importlib.util
 import json
 import subprocess
@@ -13,6 +14,46 @@ NETWORK_BENCHMARK = REPO / "benchmarks" / "benchmark_network.py"
 # a test that runs a benchmark script end to end in its own Python process
 slow = pytest.mark.slow
 
+# The released code's layout: models/vmunet/vmunet.py defines VMUNet; its modules import each other as models.vmunet.*
+FAKE_RELEASED = {
+    "models/vmunet/vmunet.py": """
+import json
+from pathlib import Path
+
+from torch import nn
+
+from models.vmunet.layers import head
+
+
+class VMUNet(nn.Module):
+    def __init__(self, input_channels=3, num_classes=1, depths=[2, 2, 9, 2], depths_decoder=[2, 9, 2, 2],
+                 drop_path_rate=0.2, load_ckpt_path=None):
+        super().__init__()
+        built = dict(input_channels=input_channels, num_classes=num_classes, depths=depths,
+                     depths_decoder=depths_decoder, drop_path_rate=drop_path_rate, load_ckpt_path=load_ckpt_path)
+        Path(__file__).with_name("built.json").write_text(json.dumps(built))
+        self.head = head(input_channels, num_classes)
+
+    def forward(self, x):
+        return self.head(x)
+""",
+    "models/vmunet/layers.py": """
+from torch import nn
+
+
+def head(in_channels, classes):
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, classes, 1))
+""",
+}
+
+
+def write_fake_released(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
 
 @pytest.fixture
 def network_bench():
@@ -21,6 +62,9 @@ def network_bench():
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     yield module
+    # the released code's package, imported by --released-code
+    for name in [name for name in sys.modules if name == "models" or name.startswith("models.")]:
+        del sys.modules[name]
     sys.modules.pop(spec.name, None)
 
 
@@ -31,7 +75,31 @@ def test_rows_without_fused_adamw_get_torchs_default_implementation(network_benc
     optimizer = network_bench.adamw(model, fused=False, device=torch.device("cuda"))
     assert optimizer.defaults["fused"] is None and optimizer.defaults["foreach"] is None
     assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == (1e-3, 1e-2)
-    assert not network_bench.uses_fused_optimizer("reference")
+    assert not network_bench.uses_fused_optimizer("reference") and not network_bench.uses_fused_optimizer("released")
+
+
+def test_released_code_missing_is_a_clear_error(network_bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        network_bench.parse_args(["--smoke", "--released-code", str(tmp_path / "SA-UMamba")])
+    error = capsys.readouterr().err
+    assert str(tmp_path / "SA-UMamba" / "models" / "vmunet" / "vmunet.py") in error
+    assert "does not exist" in error and "github.com/xiaomengxin123/SA-UMamba" in error
+
+
+def test_released_code_that_does_not_import_is_a_clear_error(network_bench, tmp_path, capsys):
+    code = write_fake_released(tmp_path, {"models/vmunet/vmunet.py": "import mamba_ssm_not_installed_here\n"})
+    with pytest.raises(SystemExit):
+        network_bench.parse_args(["--smoke", "--released-code", str(code)])
+    error = capsys.readouterr().err
+    assert str(code / "models" / "vmunet" / "vmunet.py") in error
+    assert "No module named 'mamba_ssm_not_installed_here'" in error and "mamba-ssm" in error
+    assert str(code) not in sys.path
+
+
+def test_released_row_needs_the_released_code(network_bench, capsys):
+    with pytest.raises(SystemExit):
+        network_bench.parse_args(["--smoke", "--models", "reference", "released"])
+    assert "--models released needs --released-code DIR" in capsys.readouterr().err
 
 
 @slow
@@ -93,3 +161,21 @@ def test_cold_start_reports_a_failed_child_and_goes_on(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| nnunet_plain | empty |" in result.stdout and "failed:" in result.stdout
 
+
+@slow
+def test_released_row_is_built_as_the_released_config_and_measured(tmp_path):
+    code = write_fake_released(tmp_path / "SA-UMamba", FAKE_RELEASED)
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke", "--device", "cpu", "--released-code",
+                             str(code), "--models", "reference", "released", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["reference", "released"]
+    released = rows[1]
+    assert released["train_ms"] > 0 and released["infer_ms"] > 0 and released["note"] == ""
+    # the released configs/config_setting.py, 2 classes, no checkpoint
+    assert json.loads((code / "models" / "vmunet" / "built.json").read_text()) == dict(
+        input_channels=3, num_classes=2, depths=[2, 2, 2, 2], depths_decoder=[2, 2, 2, 1], drop_path_rate=0.2,
+        load_ckpt_path=None)
+    assert "| 1x3x64x64 | fp32 | released |" in result.stdout
