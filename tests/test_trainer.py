@@ -125,6 +125,8 @@ def test_adamw_is_fused_on_cuda_for_the_fast_path_only(nnunet_folders, cls, fuse
     trainer.device = torch.device("cuda")  # only the flag is read; torch's fused AdamW also accepts CPU tensors
     optimizer, _ = trainer.configure_optimizers()
     assert bool(optimizer.defaults["fused"]) is fused_on_cuda
+    # unfused means torch's default choice (multi-tensor foreach on CUDA), never its per-parameter loop
+    assert optimizer.defaults["fused"] in (True, None) and optimizer.defaults["foreach"] is None
 
 
 def test_architecture_variants(nnunet_folders):

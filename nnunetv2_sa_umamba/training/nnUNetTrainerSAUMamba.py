@@ -193,10 +193,12 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         return WarmupDecayLRScheduler(optimizer, peak_lr, self.num_epochs, warmup, self.lr_decay, self.min_lr)
 
     def configure_optimizers(self):
-        # fused: one kernel for all weights instead of foreach's many launches (same update)
+        # fused: one kernel for all weights instead of foreach's many launches (same update). Otherwise None, not
+        # False: an explicit False makes torch loop over the parameters instead of its default multi-tensor update
         peak_lr = self.learning_rate()
+        fused = True if self.fused_optimizer and self.device.type == "cuda" else None
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=peak_lr, weight_decay=self.weight_decay,
-                                      fused=self.fused_optimizer and self.device.type == "cuda")
+                                      fused=fused)
         return optimizer, self._lr_scheduler(optimizer, peak_lr)
 
     def train_step(self, batch: dict) -> dict:
