@@ -20,6 +20,9 @@ import triton.language as tl
 BLOCK_D = 64
 MAX_BLOCK_N = 64  # positions per chunk of a line
 NUM_WARPS = 4
+# Not specialised: they locate the line and the direction (a stride or direction of 1 would otherwise make the row
+# and the column pass two compiled variants), while n, D and L, which align the vector loads and stores, stay so.
+LINE_GEOMETRY = ["num_lines", "stride_i", "stride_j", "k_forward", "k_reversed"]
 
 
 @triton.jit
@@ -33,7 +36,7 @@ def _line(pid, num_lines, n, stride_i, stride_j, chunk, BLOCK_N: tl.constexpr, B
     return b, i * stride_i + j * stride_j, i * n + j, j < n, offs_d, offs_d < D
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LINE_GEOMETRY)
 def _scan_kernel(x_ptr, xs_ptr, num_lines, n, stride_i, stride_j, D, L, k_forward, k_reversed,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     for chunk in range(tl.cdiv(n, BLOCK_N)):
@@ -45,7 +48,7 @@ def _scan_kernel(x_ptr, xs_ptr, num_lines, n, stride_i, stride_j, D, L, k_forwar
         tl.store(xs_ptr + ((b * 4 + k_reversed) * D + offs_d) * L + (L - 1 - pos), values, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LINE_GEOMETRY)
 def _merge_kernel(ys_ptr, y_ptr, num_lines, n, stride_i, stride_j, D, L, k_forward, k_reversed,
                   ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     for chunk in range(tl.cdiv(n, BLOCK_N)):

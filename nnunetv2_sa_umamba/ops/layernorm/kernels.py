@@ -30,6 +30,9 @@ BACKWARD_TILE_ELEMENTS = 2048
 BACKWARD_ELEMENTS_PER_THREAD = 32
 # row tiles each backward program sums dweight and dbias over before writing its partial row
 BACKWARD_TILES_PER_PROGRAM = 2
+# The row count only masks the last tile, so Triton need not compile a variant per value class (divisible by 16 or
+# not), which changes with batch and image size; the row strides stay specialised (they align the vector loads).
+ROW_COUNT = ["rows"]
 
 
 def _tile_rows_and_warps(block_c: int, tile_elements: int, elements_per_thread: int) -> tuple[int, int]:
@@ -73,7 +76,7 @@ def _silu(z, z_ptr):
     return (z * sigmoid).to(z_ptr.dtype.element_ty).to(tl.float32), sigmoid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT)
 def _forward_kernel(x_ptr, z_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr, rows, C: tl.constexpr,
                     x_row_stride, z_row_stride, eps, GATE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                     BLOCK_C: tl.constexpr):
@@ -94,7 +97,7 @@ def _forward_kernel(x_ptr, z_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_
     tl.store(rstd_ptr + offs_r, rstd, mask=mask_r)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT)
 def _backward_kernel(grad_out_ptr, x_ptr, z_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, grad_x_ptr, grad_z_ptr,
                      partial_weight_ptr, partial_bias_ptr, rows, C: tl.constexpr, grad_row_stride, x_row_stride,
                      z_row_stride, GATE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,

@@ -39,6 +39,9 @@ CONFIGS = {
 # The passes then see f rounded differently (TF32 products vs float32 multiply-adds), far below autocast's own
 # 16-bit rounding of it.
 DOT_CONFIGS = {"stats": (32, 32, 8, 1), "backward_reduce": (16, 16, 2, 1)}
+# Positions and image sides only mask tiles and locate neighbours: not specialised, so one compiled variant serves
+# every batch and image size (and every stage whose C Triton finds divisible by 16, which aligns the channel loads).
+IMAGE_SIZES = ["P", "H", "W"]
 
 
 # Every tensor inside the kernels is rank 3, (positions, k, channels), with size-1 axes where a value does not
@@ -126,7 +129,7 @@ def _recompute(x_ptr, wf_ptr, wc_ptr, scale, shift, b, h, w, offs_c, offs_k, mas
     return f, pooled, s, wc, f * scale + shift
 
 
-@triton.jit
+@triton.jit(do_not_specialize=IMAGE_SIZES)
 def _stats_kernel(x_ptr, wf_ptr, sum_ptr, sumsq_ptr, P, H, W, C, TILES: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                   F_BY_DOT: tl.constexpr):
@@ -143,7 +146,7 @@ def _stats_kernel(x_ptr, wf_ptr, sum_ptr, sumsq_ptr, P, H, W, C, TILES: tl.const
     tl.atomic_add(sumsq_ptr + index_kc, total_sq, mask=mask_kc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=IMAGE_SIZES)
 def _weighted_kernel(x_ptr, wf_ptr, wc_ptr, scale_ptr, shift_ptr, out_ptr, P, H, W, C, TILES: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                      F_BY_DOT: tl.constexpr):
@@ -160,7 +163,7 @@ def _weighted_kernel(x_ptr, wf_ptr, wc_ptr, scale_ptr, shift_ptr, out_ptr, P, H,
                  mask=mask_p & mask_kc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=IMAGE_SIZES)
 def _backward_reduce_kernel(x_ptr, wf_ptr, wc_ptr, scale_ptr, shift_ptr, grad_weighted_ptr, grad_pooled_ptr,
                             grad_y_sum_ptr, grad_y_f_sum_ptr, grad_wc_ptr, P, H, W, C, TILES: tl.constexpr,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -192,7 +195,7 @@ def _backward_reduce_kernel(x_ptr, wf_ptr, wc_ptr, scale_ptr, shift_ptr, grad_we
     tl.atomic_add(grad_wc_ptr + index_kc, grad_wc, mask=mask_kc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=IMAGE_SIZES)
 def _backward_features_kernel(x_ptr, wf_ptr, wc_ptr, scale_ptr, shift_ptr, grad_weighted_ptr, coef_y_ptr,
                               coef_f_ptr, coef_1_ptr, grad_f_ptr, grad_wf_ptr, P, H, W, C, TILES: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -227,7 +230,7 @@ def _backward_features_kernel(x_ptr, wf_ptr, wc_ptr, scale_ptr, shift_ptr, grad_
                   mask=(tap < 9) & (k < 9) & (channel < C))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=IMAGE_SIZES)
 def _backward_input_kernel(wf_ptr, grad_f_ptr, grad_pooled_ptr, grad_x_ptr, P, H, W, C, TILES: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """dL/dx: the transposed grouped conv of dL/df plus the transposed 3x3 average pool of dL/dpooled."""

@@ -17,6 +17,8 @@ decay is needed. All arithmetic is float32.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,11 @@ SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # as mamba-ssm and F.softplus: above it
 # sweep over SS2D's four scan shapes (docs/BENCHMARKS.md).
 MAX_BLOCK_L = 32
 TILE_ELEMENTS = 4096
+# The chunk count only bounds the loop over chunks (the sequence length, which aligns the loads, stays specialised):
+# its divisibility by 16 is not specialised, so the four scan lengths of a large image share one compiled variant. A
+# single chunk still is (Triton then drops the loop); Triton before 3.2 lacks the option and specialises both.
+CHUNK_COUNT = ({"do_not_specialize_on_alignment": ["n_chunks"]}
+               if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters else {})
 
 
 @triton.jit
@@ -92,7 +99,7 @@ def _state_offsets(offs_d, offs_n, channels, chunk, n_chunks, N: tl.constexpr):
     return ((tl.program_id(1) * channels + offs_d)[:, None].to(tl.int64) * n_chunks + chunk) * N + offs_n[None, :]
 
 
-@triton.jit
+@triton.jit(**CHUNK_COUNT)
 def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
                          channels, length, channels_per_group, groups, n_chunks,
                          HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -120,7 +127,7 @@ def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,
         h = _last_step(states, BLOCK_L)
 
 
-@triton.jit
+@triton.jit(**CHUNK_COUNT)
 def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr,
                           du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
                           channels, length, channels_per_group, groups, n_chunks,
