@@ -348,6 +348,13 @@ def graphs_recorded(network: nn.Module, kind: str = "training") -> int:
     return len(graphs.inference_graphs)
 
 
+def ungraphed_forward(network: nn.Module):
+    """``network``'s ordinary forward, which neither records nor replays graphs, whether graphs are enabled or not
+    (a dry run, such as training/precompile.py's, must not record one)."""
+    graphs = _graphs(network)
+    return network.forward if graphs is None else graphs.eager_forward
+
+
 def _check_kind(kind: str) -> str:
     if kind not in ("training", "inference"):
         raise ValueError(f"kind must be 'training' or 'inference', not {kind!r}")
