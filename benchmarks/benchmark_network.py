@@ -49,9 +49,11 @@ import torch
 from torch import nn
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
+from nnunetv2_sa_umamba.ops.compile_stats import record_compilations
 from nnunetv2_sa_umamba.ops.policy import kernel_policy
 from nnunetv2_sa_umamba.ops.scan import available_backends
 from nnunetv2_sa_umamba.training.cuda_graphs import enable_inference_graphs, enable_training_graphs, graphs_recorded
+from nnunetv2_sa_umamba.training.precompile import precompile_training_step
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -131,6 +133,12 @@ def adamw(model: nn.Module, fused: bool, device: torch.device) -> torch.optim.Ad
     # implementation on CUDA, and its single-tensor loop launches every update kernel once per parameter
     return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2,
                              fused=True if fused and device.type == "cuda" else None)
+
+
+def uses_precompile(model_name: str, disabled: bool) -> bool:
+    """Rows on our fast path compile their Triton kernels ahead, in parallel, before the first step (as the
+    trainer does); the others run no Triton kernel of ours."""
+    return model_name.startswith("fast") and not disabled
 
 
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str,
@@ -306,10 +314,20 @@ class ColdStart:
     kernel_cache: str
     process_s: float | None = None
     build_s: float | None = None
+    precompile_s: float | None = None
     first_step_s: float | None = None
     next_steps_s: float | None = None
     steady_ms: float | None = None
+    kernels_compiled: int | None = None
+    compile_s: float | None = None
     note: str = ""
+
+    @property
+    def first_iteration_s(self) -> float | None:
+        """From a built network to the end of its first training step: the parallel pre-compile and the step."""
+        if self.first_step_s is None:
+            return None
+        return self.first_step_s + (self.precompile_s or 0.0)
 
 
 def _cold_start_child(args) -> dict:
@@ -325,15 +343,26 @@ def _cold_start_child(args) -> dict:
     target = torch.randint(0, args.classes, (batch, size, size), device=device)
     synchronize(device)
     build_s = time.perf_counter() - started
+    precompile_s, compiled = None, []
+    if uses_precompile(args.cold_start_child, args.no_precompile):
+        # as the trainer does before its first step
+        start = time.perf_counter()
+        compiled += precompile_training_step(model, x, DTYPES[dtype_name]).compiled
+        synchronize(device)
+        precompile_s = time.perf_counter() - start
     step = training_step(model, x, target, dtype_name, fused_optimizer=uses_fused_optimizer(args.cold_start_child))
     seconds = []
-    for _ in range(args.cold_start_steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return {"build_s": build_s, "first_step_s": seconds[0], "next_steps_s": sum(seconds[1:]),
-            "steady_ms": median_ms(step, device, 0, args.iters)}
+    with record_compilations() as in_steps:
+        for _ in range(args.cold_start_steps):
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    compiled += in_steps.compiled
+    return {"build_s": build_s, "precompile_s": precompile_s, "first_step_s": seconds[0],
+            "next_steps_s": sum(seconds[1:]), "steady_ms": median_ms(step, device, 0, args.iters),
+            "kernels_compiled": len(compiled) if in_steps.observable else None,
+            "compile_s": sum(c.seconds for c in compiled) if in_steps.observable else None}
 
 
 def cold_start(args) -> list[ColdStart]:
@@ -353,7 +382,8 @@ def cold_start(args) -> list[ColdStart]:
                             "--device", args.device, "--shapes", f"{batch}x{channels}x{size}", "--dtypes", dtype_name,
                             "--classes", str(args.classes), "--iters", str(args.iters),
                             "--cold-start-steps", str(args.cold_start_steps)]
-                    argv += ["--smoke"] * args.smoke + ["--no-cudnn-benchmark"] * args.no_cudnn_benchmark
+                    argv += (["--smoke"] * args.smoke + ["--no-cudnn-benchmark"] * args.no_cudnn_benchmark
+                             + ["--no-precompile"] * args.no_precompile)
                     if args.released_code is not None:
                         argv += ["--released-code", str(args.released_code)]
                     start = time.perf_counter()
@@ -377,14 +407,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_cold_start(row: ColdStart) -> str:
+    compiles = (f"{row.kernels_compiled} in {row.compile_s:.1f} s" if row.kernels_compiled is not None
+                and row.compile_s is not None else "-")
     return (f"| {row.shape} | {row.dtype} | {row.model} | {row.kernel_cache} | {_fmt(row.process_s, '.1f')} | "
-            f"{_fmt(row.build_s, '.1f')} | {_fmt(row.first_step_s, '.2f')} | {_fmt(row.next_steps_s, '.2f')} | "
-            f"{_fmt(row.steady_ms, '.1f')} | {row.note} |")
+            f"{_fmt(row.build_s, '.1f')} | {_fmt(row.precompile_s, '.2f')} | {_fmt(row.first_step_s, '.2f')} | "
+            f"**{_fmt(row.first_iteration_s, '.1f')}** | {_fmt(row.next_steps_s, '.2f')} | "
+            f"{_fmt(row.steady_ms, '.1f')} | {compiles} | {row.note} |")
 
 
 COLD_START_HEADER = ("| input | precision | model | kernel cache | whole process (s) | network built (s) | "
-                     "first step (s) | next steps (s) | steady step (ms) | note |\n"
-                     "|---|---|---|---|---|---|---|---|---|---|")
+                     "pre-compile (s) | first step (s) | first iteration (s) | next steps (s) | steady step (ms) | "
+                     "Triton kernels compiled (compile time summed) | note |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _reference_row(row: Row, rows: list[Row]) -> Row | None:
@@ -439,6 +473,9 @@ def parse_args(argv=None):
     parser.add_argument("--kernel-cache", type=Path, default=None, metavar="DIR",
                         help="with --cold-start: keep Triton's and Inductor's caches in DIR instead of empty "
                              "temporary ones (run twice to see the caches reused)")
+    parser.add_argument("--no-precompile", action="store_true",
+                        help="with --cold-start: let the first step compile each Triton kernel when it first runs, "
+                             "one after the other, instead of compiling them all ahead in parallel (the trainer's way)")
     parser.add_argument("--cold-start-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--profile", type=Path, default=None,
