@@ -289,3 +289,34 @@ def test_variants_set_nnunets_run_length_and_a_misspelled_name_is_refused(nnunet
 
     with pytest.raises(AttributeError, match="num_epoch"):
         make_trainer(Misspelled)
+
+
+@pytest.mark.parametrize("cls, on_cuda, expected", [(nnUNetTrainerSAUMamba, True, 1),
+                                                     (nnUNetTrainerSAUMamba, False, 0),
+                                                     (nnUNetTrainerSAUMambaReference, True, 0)])
+def test_triton_kernels_are_compiled_ahead_once_before_the_first_step_on_cuda(nnunet_folders, monkeypatch, cls,
+                                                                              on_cuda, expected):
+    from nnunetv2_sa_umamba.ops.compile_stats import Compilation, CompileRecord
+    from nnunetv2_sa_umamba.training import nnUNetTrainerSAUMamba as trainer_module
+
+    calls = []
+
+    def fake_precompile(network, x, autocast_dtype):
+        calls.append((network, x, autocast_dtype))
+        return CompileRecord(observable=True, compilations=[Compilation("_kernel", "v", 0.5, False)])
+
+    monkeypatch.setattr(trainer_module, "precompile_training_step", fake_precompile)
+    trainer = make_trainer(cls)
+    trainer.network = build_from_trainer(trainer)
+    logged = []
+    monkeypatch.setattr(trainer, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(map(str, args))))
+    if on_cuda:
+        trainer.device = torch.device("cuda")  # only read by the decision; the dry step itself is faked
+    data = torch.zeros(2, 3, 64, 64)
+    trainer._precompile_kernels(data)
+    trainer._precompile_kernels(data)  # the second step compiles nothing ahead
+    assert len(calls) == expected
+    if expected:
+        network, x, dtype = calls[0]
+        assert network is trainer._plain_network() and x is data and dtype == torch.get_autocast_dtype("cuda")
+        assert any("Compiled 1 Triton kernel variants ahead" in line for line in logged)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -29,6 +30,7 @@ from nnunetv2_sa_umamba.training.cuda_graphs import (
 )
 from nnunetv2_sa_umamba.training.lr_schedule import WarmupDecayLRScheduler, batch_scaled_lr, warmup_epochs_for
 from nnunetv2_sa_umamba.training.nonfinite import NonFiniteTrainingError, SkippedStepCounter
+from nnunetv2_sa_umamba.training.precompile import precompile_training_step
 
 
 def round_up_patch_size(patch_size, multiple: int) -> list[int]:
@@ -46,6 +48,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
     scan_backend: str | None = None  # None: SAUMAMBA_SCAN_BACKEND, else "auto" (ops/policy.py)
     fused_optimizer: bool = True  # torch's fused AdamW on CUDA
     cuda_graphs: bool = True  # training steps and prediction replayed as CUDA graphs (single GPU, not compiled)
+    precompile_kernels: bool = True  # the first step's Triton kernels compiled ahead, in parallel (precompile.py)
     scale_lr_to_batch: bool = True  # initial_lr * sqrt(batch / 32) (lr_schedule.py)
     warmup: bool = True  # linear warm-up over 5 % of the epochs (1-10)
     # nnU-Net's run-length attributes that a variant changes (num_epochs, num_iterations_per_epoch,
@@ -76,6 +79,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         self.lr_decay = "cosine"
         self.grad_clip_norm = 12.0  # nnU-Net's
         self.skipped_steps = SkippedStepCounter()
+        self._kernels_precompiled = False
         for name, value in self.run_length.items():
             if not hasattr(self, name):
                 raise AttributeError(f"{type(self).__name__}.run_length names {name!r}, which nnU-Net's trainer "
@@ -208,6 +212,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         target = batch["target"]
         target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
                   else target.to(self.device, non_blocking=True))
+        self._precompile_kernels(data)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type) if self.device.type == "cuda" else nullcontext():
             output = self.network(data)
@@ -231,6 +236,22 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
             if self.skipped_steps.diverged:
                 raise NonFiniteTrainingError(self.skipped_steps.divergence_message(self.current_epoch))
         return {"loss": np.array(loss_value)}
+
+    def _precompile_kernels(self, data: torch.Tensor) -> None:
+        """Before the first step: on a fresh machine that step would compile each of its Triton kernel variants (80-90)
+        one after the other; a dry step names them and worker processes compile them in parallel."""
+        if self._kernels_precompiled:
+            return
+        self._kernels_precompiled = True
+        if not (self.precompile_kernels and self.kernels.fast and self.device.type == "cuda"):
+            return
+        start = time.perf_counter()
+        # the forward's autocast dtype is train_step's (CUDA's default, float16)
+        record = precompile_training_step(self._plain_network(), data, torch.get_autocast_dtype("cuda"))
+        if record.compiled:
+            self.print_to_log_file(f"Compiled {len(record.compiled)} Triton kernel variants ahead, in parallel, in "
+                                   f"{time.perf_counter() - start:.1f} s (Triton's cache: TRITON_CACHE_DIR, by default "
+                                   "~/.triton/cache; later runs reuse it).")
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         # nnU-Net's mean, over the steps that trained (a skipped step's loss is NaN or inf)
