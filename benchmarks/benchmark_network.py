@@ -284,6 +284,8 @@ def run(args) -> list[Row]:
                 params = sum(p.numel() for p in model.parameters()) / 1e6
                 row = Row(f"{batch}x{channels}x{size}x{size}", dtype_name, name, round(params, 2))
                 try:
+                    if uses_precompile(name, args.no_precompile):
+                        precompile_training_step(model, x, DTYPES[dtype_name])  # as the trainer: not timed either way
                     fused = uses_fused_optimizer(name)
                     row.train_ms, row.train_issue_ms, row.infer_ms, row.peak_train_gib = measure(
                         model, x, target, dtype_name, args.warmup, args.iters, fused)
@@ -474,8 +476,9 @@ def parse_args(argv=None):
                         help="with --cold-start: keep Triton's and Inductor's caches in DIR instead of empty "
                              "temporary ones (run twice to see the caches reused)")
     parser.add_argument("--no-precompile", action="store_true",
-                        help="with --cold-start: let the first step compile each Triton kernel when it first runs, "
-                             "one after the other, instead of compiling them all ahead in parallel (the trainer's way)")
+                        help="let the first step compile each Triton kernel when it first runs, one after the other, "
+                             "instead of compiling them all ahead in parallel (the trainer's way); changes only "
+                             "--cold-start's figures")
     parser.add_argument("--cold-start-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--profile", type=Path, default=None,
