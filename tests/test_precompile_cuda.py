@@ -1,5 +1,6 @@
 """Compiling a training step's Triton kernels ahead on a real GPU, from an empty kernel cache: the dry step compiles
-every variant the step needs (the step itself then compiles none) and leaves the step's results unchanged."""
+every variant the step needs (the step itself then compiles none) and leaves the network as it was: its step's loss,
+gradients and batch statistics differ from an untouched copy's no more than two untouched copies differ."""
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Run in a fresh process so that Triton's in-memory and on-disk caches start empty.
 _SCRIPT = """
-import copy, json, sys
+import copy, json
 import torch
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
 from nnunetv2_sa_umamba.ops.compile_stats import record_compilations
@@ -20,25 +21,38 @@ from nnunetv2_sa_umamba.training.precompile import precompile_training_step
 
 torch.manual_seed(0)
 network = SAUMamba(3, 2, dims=(24, 48, 96, 192), deep_supervision=True).cuda().train()
-twin = copy.deepcopy(network)
+twin, twin2 = copy.deepcopy(network), copy.deepcopy(network)
 x = torch.randn(2, 3, 64, 64, device="cuda")
 target = torch.randint(0, 2, (2, 64, 64), device="cuda")
 
 def step(net):
-    torch.manual_seed(1)  # the same drop-path draws in both networks
+    torch.manual_seed(1)  # the same drop-path draws in every network
     with torch.autocast("cuda", dtype=torch.float16):
         loss = torch.nn.functional.cross_entropy(net(x)[0], target)
     loss.backward()
-    return loss.item(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    return loss.item(), [p.grad for p in net.parameters()], list(net.buffers())
+
+def worst(pairs):
+    # largest relative difference over tensors; None gradients must match
+    out = 0.0
+    for a, b in pairs:
+        assert (a is None) == (b is None)
+        if a is not None:
+            out = max(out, ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item())
+    return out
 
 ahead = precompile_training_step(network, x, torch.float16)
 with record_compilations() as in_step:
-    loss, grads = step(network)
-twin_loss, twin_grads = step(twin)
-print(json.dumps({"ahead": len(ahead.compiled), "in_step": len(in_step.compiled), "loss": loss, "twin_loss": twin_loss,
-                  "grad_rel_diff": max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-                                       for a, b in zip(grads, twin_grads, strict=True)),
-                  "buffers_equal": all(torch.equal(a, b) for a, b in zip(network.buffers(), twin.buffers()))}))
+    result = step(network)
+reference, noise = step(twin), step(twin2)
+
+def differences(a, b):
+    return {"loss": abs(a[0] - b[0]), "grads": worst(zip(a[1], b[1], strict=True)),
+            "buffers": worst(zip(a[2], b[2], strict=True))}
+
+print(json.dumps({"ahead": len(ahead.compiled), "in_step": len(in_step.compiled),
+                  "precompiled_vs_plain": differences(result, reference),
+                  "plain_vs_plain": differences(noise, reference)}))
 """
 
 
@@ -54,6 +68,7 @@ def test_precompiled_step_compiles_nothing_and_trains_as_without(tmp_path):
     result = json.loads(child.stdout.strip().splitlines()[-1])
     print(result)
     assert result["ahead"] > 10 and result["in_step"] == 0
-    # the same kernels, the same values (up to the order of the scan backward's atomic adds)
-    assert result["loss"] == pytest.approx(result["twin_loss"], rel=1e-6) and result["buffers_equal"]
-    assert result["grad_rel_diff"] < 1e-3
+    # Two untouched copies already differ a little (atomic adds in the scan's backward and the fused RFAConv's
+    # batch statistics); the pre-compiled network may differ from one by no more than that run-to-run noise.
+    for key, noise in result["plain_vs_plain"].items():
+        assert result["precompiled_vs_plain"][key] <= 10 * noise + 1e-5, key

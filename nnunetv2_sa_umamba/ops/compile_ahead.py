@@ -8,11 +8,12 @@ workload inside, on its real shapes and dtypes: its launches then name exactly t
 list kept by hand would. The dry step's results are garbage: it must not change anything that outlives it (see
 training/precompile.py for a network's training step).
 
-Workers: by default processes (ops/compile_worker.py, one per CPU, started at the first variant) that compile into
-Triton's on-disk cache, from which this process then loads each variant in milliseconds; or threads of this process
-(``processes=False``), which overlap only partly: Triton's compiler passes, LLVM and ptxas run without the GIL, its
-Python front end (source to TTIR) and the dry step itself hold it. A variant a worker could not compile is compiled
-here instead, and one that fails here too is left to its first launch, which raises the error there.
+Workers: by default threads of this process, which overlap only partly (Triton's compiler passes, LLVM and ptxas
+run without the GIL, its Python front end and the dry step hold it), or processes (``processes=True``;
+ops/compile_worker.py, one per CPU) that compile into Triton's on-disk cache, from which this process then loads each
+variant. Threads are the default: on a 16-CPU GPU machine they finished well before the processes, which each import
+torch first (docs/BENCHMARKS.md). A variant a worker could not compile is compiled here instead, and one that fails
+here too is left to its first launch, which raises the error there.
 
 How, and since which Triton (checked on the installed one; where anything is missing the block changes nothing and
 every launch runs and compiles as usual):
@@ -59,7 +60,7 @@ def default_workers() -> int:
 
 
 @contextmanager
-def compile_ahead(max_workers: int | None = None, processes: bool = True) -> Iterator[CompileRecord]:
+def compile_ahead(max_workers: int | None = None, processes: bool = False) -> Iterator[CompileRecord]:
     """Dry-run mode (module docstring): launches of variants not compiled yet are skipped and compiled by
     ``max_workers`` workers (``default_workers()``), processes or threads; on exit waits for them and loads every
     variant. Yields the ``CompileRecord`` of the compilations (the workers' and this process's loads from the

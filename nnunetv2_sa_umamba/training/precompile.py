@@ -30,7 +30,7 @@ def precompile_training_step(network: nn.Module, x: torch.Tensor, autocast_dtype
     ``x``: a batch of the training step's shape and dtype (its values do not matter). ``autocast_dtype``: the
     forward's CUDA autocast dtype in training (nnU-Net's: float16), None without autocast; the backward runs outside
     autocast, as nnU-Net's. ``eval_forward``: also the eval-mode forward without gradients that validation runs on
-    batches of the same shape. ``max_workers``: compile worker processes (default: one per CPU).
+    batches of the same shape. ``max_workers``: compile threads (default: one per CPU; ops/compile_ahead.py).
 
     Returns the record of what compiled (``CompileRecord.format()`` prints it). Does nothing off CUDA, under Triton's
     interpreter or with a Triton before 3.4 (see ``compile_ahead_supported``), and returns an empty record.
