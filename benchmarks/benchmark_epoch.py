@@ -83,6 +83,11 @@ def _da_workers(count: int):
             os.environ["nnUNet_n_proc_DA"] = old
 
 
+def _drain(loader, count: int) -> None:
+    for _ in range(count):
+        next(loader)
+
+
 def _shut_down(*loaders) -> None:
     for loader in loaders:
         finish = getattr(loader, "_finish", None)
@@ -91,13 +96,17 @@ def _shut_down(*loaders) -> None:
 
 
 def _time_one_loader_setting(trainer, train_loader, val_loader, iterations: int, val_iterations: int,
-                             warmup: int, device: torch.device) -> tuple[float, float, float, float]:
-    """Seconds for (data only, step only, training, validation) over the given iteration counts."""
+                             warmup: int, queued: int, device: torch.device) -> tuple[float, float, float, float]:
+    """Seconds for (data only, step only, training, validation) over the given iteration counts. ``queued``: how many
+    batches the loader's workers keep ready; they are drained before each timed loop that reads the loader, so that
+    batches prepared while nothing was timed do not count as free."""
+    _drain(train_loader, queued)
     data_only = _seconds(lambda: next(train_loader), iterations, device)
     batch = next(train_loader)
     for _ in range(warmup):
         trainer.train_step(batch)
     step_only = _seconds(lambda: trainer.train_step(batch), iterations, device)
+    _drain(train_loader, queued)
     training = _seconds(lambda: trainer.train_step(next(train_loader)), iterations, device)
     trainer.network.eval()
     with torch.no_grad():
@@ -121,11 +130,9 @@ def measure_trainer(trainer_name: str, dataset: str, configuration: str, fold: i
         with _da_workers(workers):
             train_loader, val_loader = trainer.get_dataloaders()
         try:
-            # the batches the workers prepared while the loader started are not part of a steady epoch
-            for _ in range(max(6, workers // 2)):
-                next(train_loader)
+            # nnU-Net's queue length for its training loader
             seconds = _time_one_loader_setting(trainer, train_loader, val_loader, iterations, val_iterations,
-                                               warmup if not rows else 0, device)
+                                               warmup if not rows else 0, max(6, workers // 2), device)
         finally:
             _shut_down(train_loader, val_loader)
         data_only, step_only, training, validation = seconds
