@@ -239,7 +239,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
 
     def _precompile_kernels(self, data: torch.Tensor) -> None:
         """Before the first step: on a fresh machine that step would compile each of its Triton kernel variants (80-90)
-        one after the other; a dry step names them and worker processes compile them in parallel."""
+        one after the other; a dry step names them and threads compile them in parallel."""
         if self._kernels_precompiled:
             return
         self._kernels_precompiled = True
