@@ -53,6 +53,7 @@ from nnunetv2_sa_umamba.ops.compile_stats import record_compilations
 from nnunetv2_sa_umamba.ops.policy import kernel_policy
 from nnunetv2_sa_umamba.ops.scan import available_backends
 from nnunetv2_sa_umamba.training.cuda_graphs import enable_inference_graphs, enable_training_graphs, graphs_recorded
+from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import adamw_fused
 from nnunetv2_sa_umamba.training.precompile import precompile_training_step
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -128,11 +129,8 @@ def uses_fused_optimizer(model_name: str) -> bool:
 
 def adamw(model: nn.Module, fused: bool, device: torch.device) -> torch.optim.AdamW:
     """The released code's AdamW (lr 1e-3, weight decay 1e-2); ``fused``: torch's fused kernel on CUDA, else
-    torch's default implementation."""
-    # None, not False: an explicit fused=False also stops torch from choosing its multi-tensor (foreach)
-    # implementation on CUDA, and its single-tensor loop launches every update kernel once per parameter
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2,
-                             fused=True if fused and device.type == "cuda" else None)
+    torch's default implementation, as the trainer chooses."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, fused=adamw_fused(fused, device))
 
 
 def uses_precompile(model_name: str, disabled: bool) -> bool:

@@ -197,12 +197,9 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         return WarmupDecayLRScheduler(optimizer, peak_lr, self.num_epochs, warmup, self.lr_decay, self.min_lr)
 
     def configure_optimizers(self):
-        # fused: one kernel for all weights instead of foreach's many launches (same update). Otherwise None, not
-        # False: an explicit False makes torch loop over the parameters instead of its default multi-tensor update
         peak_lr = self.learning_rate()
-        fused = True if self.fused_optimizer and self.device.type == "cuda" else None
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=peak_lr, weight_decay=self.weight_decay,
-                                      fused=fused)
+                                      fused=adamw_fused(self.fused_optimizer, self.device))
         return optimizer, self._lr_scheduler(optimizer, peak_lr)
 
     def train_step(self, batch: dict) -> dict:
@@ -271,6 +268,13 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         # compiling the whole network took over two minutes on an H100 without a measured speedup
         # (docs/BENCHMARKS.md). nnUNet_compile=1 turns it on, on CUDA only (nnU-Net's 2D CPU compile crashes).
         return _compile_requested() and self.device.type == "cuda"
+
+
+def adamw_fused(requested: bool, device: torch.device) -> bool | None:
+    """AdamW's ``fused`` argument: True (one kernel for all weights instead of foreach's many launches, same update)
+    when requested on CUDA, else None, not False: an explicit False makes torch loop over the parameters one by one
+    instead of its default multi-tensor update."""
+    return True if requested and device.type == "cuda" else None
 
 
 def _to_host(loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
