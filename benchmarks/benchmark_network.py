@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.ops.compile_stats import record_compilations
+from nnunetv2_sa_umamba.ops.compile_stats import CompileRecord, record_compilations
 from nnunetv2_sa_umamba.ops.policy import kernel_policy
 from nnunetv2_sa_umamba.ops.scan import available_backends
 from nnunetv2_sa_umamba.training.cuda_graphs import enable_inference_graphs, enable_training_graphs, graphs_recorded
@@ -320,6 +320,7 @@ class ColdStart:
     steady_ms: float | None = None
     kernels_compiled: int | None = None
     compile_s: float | None = None
+    compiles_per_kernel: dict | None = None  # CompileRecord.summary()'s per_kernel, in --json
     note: str = ""
 
     @property
@@ -343,26 +344,28 @@ def _cold_start_child(args) -> dict:
     target = torch.randint(0, args.classes, (batch, size, size), device=device)
     synchronize(device)
     build_s = time.perf_counter() - started
-    precompile_s, compiled = None, []
-    if uses_precompile(args.cold_start_child, args.no_precompile):
-        # as the trainer does before its first step
-        start = time.perf_counter()
-        compiled += precompile_training_step(model, x, DTYPES[dtype_name]).compiled
-        synchronize(device)
-        precompile_s = time.perf_counter() - start
-    step = training_step(model, x, target, dtype_name, fused_optimizer=uses_fused_optimizer(args.cold_start_child))
-    seconds = []
-    with record_compilations() as in_steps:
+    precompile_s = None
+    with record_compilations() as compiles:  # the pre-compile's (from its threads) and the steps'
+        if uses_precompile(args.cold_start_child, args.no_precompile):
+            # as the trainer does before its first step
+            start = time.perf_counter()
+            precompile_training_step(model, x, DTYPES[dtype_name])
+            synchronize(device)
+            precompile_s = time.perf_counter() - start
+        step = training_step(model, x, target, dtype_name,
+                             fused_optimizer=uses_fused_optimizer(args.cold_start_child))
+        seconds = []
         for _ in range(args.cold_start_steps):
             start = time.perf_counter()
             step()
             synchronize(device)
             seconds.append(time.perf_counter() - start)
-    compiled += in_steps.compiled
+    compiled = CompileRecord(compiles.observable, compiles.compiled)  # the compiles, not the on-disk cache's loads
     return {"build_s": build_s, "precompile_s": precompile_s, "first_step_s": seconds[0],
             "next_steps_s": sum(seconds[1:]), "steady_ms": median_ms(step, device, 0, args.iters),
-            "kernels_compiled": len(compiled) if in_steps.observable else None,
-            "compile_s": sum(c.seconds for c in compiled) if in_steps.observable else None}
+            "kernels_compiled": len(compiled.compilations) if compiled.observable else None,
+            "compile_s": compiled.seconds if compiled.observable else None,
+            "compiles_per_kernel": compiled.summary()["per_kernel"] if compiled.observable else None}
 
 
 def cold_start(args) -> list[ColdStart]:
