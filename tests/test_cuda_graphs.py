@@ -144,7 +144,9 @@ def test_gradients_accumulated_over_steps_match_eager(monkeypatch):
     """Without zeroing between steps the replay's static gradient buffers would be counted twice (PyTorch issue
     181723): such steps run the ordinary forward, and the sums match eager ones. Compared per parameter as a
     relative norm: atomic adds make single small elements differ between any two runs (an element-wise check
-    failed now and then), while a gradient counted twice is off by a third or more."""
+    failed now and then), while a gradient counted twice is off by a third or more. Gradients that are zero in exact
+    arithmetic (RFAConv's out_conv bias, which a normalisation follows) hold only rounding noise of ~1e-8 per element,
+    which differs between runs: each parameter may also be off by 1e-4 of the whole gradient's norm."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     eager = SAUMamba(3, 2, drop_path_rate=0.0, **SMALL).cuda()
@@ -156,11 +158,15 @@ def test_gradients_accumulated_over_steps_match_eager(monkeypatch):
         for x in inputs:  # one backward per batch, gradients summed, never zeroed
             (network(x).float() ** 2).mean().backward()
     assert graphs_recorded(graphed)
-    for (name, a), b in zip(graphed.named_parameters(), eager.parameters(), strict=True):
-        if b.grad.norm() > 0:
-            assert _relative_error(a.grad, b.grad) < 1e-3, name
-        else:
-            assert a.grad.norm() == 0, name
+    grads = [(name, a.grad, b.grad) for (name, a), b in zip(graphed.named_parameters(), eager.parameters(),
+                                                            strict=True)]
+    whole_norm = torch.cat([b.flatten() for _, _, b in grads if b is not None]).norm()
+    for name, a, b in grads:
+        if b is None:  # a parameter the forward does not use
+            assert a is None or a.norm() == 0, name
+            continue
+        error, size = (a - b).norm(), b.norm()
+        assert error <= 1e-3 * size + 1e-4 * whole_norm, f"{name}: |graphed - eager| {error:.2e}, |eager| {size:.2e}"
 
 
 @pytest.mark.cuda
