@@ -1,6 +1,7 @@
 """The benchmark scripts' CPU smoke modes run every row and write their JSON; the network benchmark's optimizer and
 its row of the released code (a fake package stands in for the user's checkout of it)."""
 import importlib.util
+import inspect
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NETWORK_BENCHMARK = REPO / "benchmarks" / "benchmark_network.py"
+SCAN_BENCHMARK = REPO / "benchmarks" / "benchmark_scan.py"
 # a test that runs a benchmark script end to end in its own Python process
 slow = pytest.mark.slow
 
@@ -134,6 +136,51 @@ def test_block_benchmark_smoke_mode_covers_every_module(tmp_path):
         assert counts["RFAConv"] == 8 and counts["RSSSBlock"] == 8 and counts["VSSBlock"] == 7
         assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] >= 0 for r in mine)
     assert "| fast | RFAConv |" in result.stdout
+
+
+@slow
+def test_scan_benchmark_smoke_mode_times_the_triton_scan_at_every_stage(tmp_path):
+    out = tmp_path / "scan.json"
+    result = subprocess.run([sys.executable, str(SCAN_BENCHMARK), "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    # no mamba-ssm kernel on the CPU: the Triton scan alone, its own reference
+    assert [(r["stage"], r["implementation"]) for r in rows] == [(1, "triton"), (2, "triton")]
+    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > r["forward_ms"] for r in rows)
+    assert all(r["max_err"] == 0.0 and r["per_step_ms"] == r["count"] * r["forward_backward_ms"] for r in rows)
+    assert "| 1 | 1x8x12 | triton |" in result.stdout
+    assert "cuda: no rows" in result.stdout
+
+
+@pytest.fixture
+def scan_bench():
+    spec = importlib.util.spec_from_file_location("benchmark_scan", SCAN_BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_scan_benchmark_stages_are_ss2ds_of_the_default_network(scan_bench):
+    from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
+    defaults = {name: p.default for name, p in inspect.signature(SAUMamba).parameters.items()}
+    # 4 directions x d_inner (2 x dim) channels; a 64 x 64 first stage at 256 x 256, halved per stage; encoder
+    # blocks plus decoder blocks (decoder_depths lists the deepest stage first)
+    expected = [(4 * 2 * dim, (64 >> i) ** 2, depth + decoder)
+                for i, (dim, depth, decoder) in enumerate(zip(defaults["dims"], defaults["depths"],
+                                                              defaults["decoder_depths"][::-1], strict=True))]
+    assert scan_bench.STAGES == expected
+    assert defaults["d_state"] == scan_bench.D_STATE
+
+
+def test_scan_benchmark_without_gpu_explains(scan_bench, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the error is for machines without a CUDA GPU")
+    with pytest.raises(SystemExit):
+        scan_bench.parse_args([])
+    assert "no CUDA GPU" in capsys.readouterr().err
 
 
 @slow
