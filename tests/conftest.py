@@ -1,9 +1,11 @@
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +72,25 @@ def pytest_pyfunc_call(pyfuncitem):
     passed = child.returncode == 0 and " passed" in child.stdout and " skipped" not in child.stdout
     assert passed, f"without CAP_DAC_OVERRIDE the test did not pass:\n{child.stdout[-3000:]}\n{child.stderr[-2000:]}"
     return True
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def benchmark_script():
+    """A function that imports benchmarks/NAME.py as module NAME (registered in sys.modules, where the scripts'
+    dataclasses look their module up); the modules are removed again after the test module."""
+    loaded = []
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        loaded.append(name)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)

@@ -1,6 +1,5 @@
 """The benchmark scripts' CPU smoke modes run every row and write their JSON; the network benchmark's optimizer and
 its row of the released code (a fake package stands in for the user's checkout of it)."""
-import importlib.util
 import inspect
 import json
 import subprocess
@@ -58,16 +57,11 @@ def write_fake_released(root: Path, files: dict[str, str]) -> Path:
 
 
 @pytest.fixture
-def network_bench():
-    spec = importlib.util.spec_from_file_location("benchmark_network", NETWORK_BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
+def network_bench(benchmark_script):
+    yield benchmark_script("benchmark_network")
     # the released code's package, imported by --released-code
     for name in [name for name in sys.modules if name == "models" or name.startswith("models.")]:
         del sys.modules[name]
-    sys.modules.pop(spec.name, None)
 
 
 def test_rows_without_fused_adamw_get_torchs_default_implementation(network_bench):
@@ -154,13 +148,8 @@ def test_scan_benchmark_smoke_mode_times_the_triton_scan_at_every_stage(tmp_path
 
 
 @pytest.fixture
-def scan_bench():
-    spec = importlib.util.spec_from_file_location("benchmark_scan", SCAN_BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def scan_bench(benchmark_script):
+    return benchmark_script("benchmark_scan")
 
 
 def test_scan_benchmark_stages_are_ss2ds_of_the_default_network(scan_bench):

@@ -1,8 +1,6 @@
 """benchmarks/benchmark_accuracy.py: the generated run-length trainers and the reading of nnU-Net's training logs
 (the end-to-end run needs a GPU and real data; its results are in docs/RESULTS.md)."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +11,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_accuracy", REPO / "benchmarks" / "benchmark_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def bench(benchmark_script):
+    return benchmark_script("benchmark_accuracy")
 
 
 def _log(lines):
