@@ -19,14 +19,15 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+# the script's own folder is on sys.path: its sibling's timing helper
+from benchmark_network import median_ms
 
 # (channels, L, scans per training step) of SS2D at each stage of SA-UMamba at 256 x 256 (dims 96..768, d_inner =
 # 2 x dim, 4 directions); a stage's count is its encoder and decoder blocks (3 at stage 1: 2 + 1)
@@ -106,20 +107,14 @@ def triton_implementation(module, name: str) -> Implementation:
 
 
 def timed(fn: Callable, device: torch.device, warmup: int, iters: int) -> tuple[float, object]:
-    """(median ms of ``fn``, one of its results). CUDA: the first call compiles, then triton's do_bench times
-    ``warmup`` and ``iters`` milliseconds; CPU: ``warmup`` and ``iters`` calls."""
+    """(median ms of ``fn``, one of its results). The first call, which compiles, is not timed; then CUDA: triton's
+    do_bench times ``warmup`` and ``iters`` milliseconds; CPU: benchmark_network's median over ``warmup`` and
+    ``iters`` calls."""
+    result = fn()
     if device.type == "cuda":
         import triton.testing
-        result = fn()
         return triton.testing.do_bench(fn, warmup=warmup, rep=iters, return_mode="median"), result
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        result = fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), result
+    return median_ms(fn, device, warmup, iters), result
 
 
 def max_error(result: tuple, reference: tuple) -> float:

@@ -80,14 +80,19 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.fixture(scope="module")
 def benchmark_script():
     """A function that imports benchmarks/NAME.py as module NAME (registered in sys.modules, where the scripts'
-    dataclasses look their module up); the modules are removed again after the test module."""
+    dataclasses look their module up), with benchmarks/ on sys.path while it loads, as when the script runs (they
+    import their siblings); the modules are removed again after the test module."""
     loaded = []
 
     def load(name: str):
         spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        sys.path.insert(0, str(BENCHMARKS))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(BENCHMARKS))
         loaded.append(name)
         return module
 
