@@ -1,6 +1,7 @@
 """Compiling ahead (ops/compile_ahead.py, training/precompile.py) and the launch keys that decide how many variants
 there are to compile. The compiles themselves need a GPU; here: the dry step leaves the network as it was, the
 dry-run hook's logic, and which sizes the kernels specialise on."""
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -128,6 +129,16 @@ def test_a_failed_compile_warns_and_leaves_the_variant_to_its_launch(dry_run_hoo
             _launch(dry_run_hook.runtime.jit_cache_hook, _Kernel(fail=True), "a")
     assert any("1 of 1 Triton kernel variants failed to compile ahead" in str(w.message) for w in caught)
 
+
+
+def test_the_dry_step_gets_the_gil_back_quickly_and_the_interval_is_restored(dry_run_hook):
+    before = sys.getswitchinterval()
+    with pytest.raises(RuntimeError, match="dry step failed"):
+        with compile_ahead(max_workers=1):
+            assert sys.getswitchinterval() == pytest.approx(compile_ahead_module.DRY_STEP_SWITCH_INTERVAL_S)
+            assert sys.getswitchinterval() < before
+            raise RuntimeError("dry step failed")
+    assert sys.getswitchinterval() == before
 
 # ------------------------------------------------------------ which sizes the kernels specialise on
 def _specialization(kernel, *args, **kwargs):

@@ -13,6 +13,11 @@ run without the GIL, its Python front end and the dry step hold it), yet on a 16
 before worker processes did, which each import torch first (docs/BENCHMARKS.md). A variant that fails to compile
 here is left to its first launch, which raises the error there.
 
+The GIL's switch interval is cut while the block is open: every torch operation of the dry step lets go of the GIL
+and, with compile threads waiting for it, takes it back only when one of them yields, after up to the interpreter's
+switch interval (5 ms by default). With the default the demo's pre-compile took 15-19 s on an H200, longer than
+the dry step and the compiles one after the other (13.3 s); with 0.1 ms, 11-14 s (docs/BENCHMARKS.md).
+
 How, and since which Triton (checked on the installed one; where anything is missing the block changes nothing and
 every launch runs and compiles as usual):
 - ``triton.knobs.runtime.jit_cache_hook`` (3.4+) is called before a variant compiles; returning True skips the
@@ -23,6 +28,7 @@ every launch runs and compiles as usual):
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +39,9 @@ import torch
 
 from nnunetv2_sa_umamba.ops.common import triton_importable, triton_interpreted
 from nnunetv2_sa_umamba.ops.compile_stats import CompileRecord, record_compilations
+
+# While the block is open (module docstring): how soon a compile thread hands the GIL back to the dry step.
+DRY_STEP_SWITCH_INTERVAL_S = 1e-4
 
 
 def compile_ahead_supported() -> bool:
@@ -85,12 +94,15 @@ def compile_ahead(max_workers: int | None = None) -> Iterator[CompileRecord]:
         compiles.append(threads.submit(kernel.preload, data))
         return True
 
+    switch_interval = sys.getswitchinterval()
     with record_compilations() as record:
         knobs.runtime.jit_cache_hook = hook
+        sys.setswitchinterval(min(switch_interval, DRY_STEP_SWITCH_INTERVAL_S))
         try:
             yield record
         finally:
             knobs.runtime.jit_cache_hook = previous
+            sys.setswitchinterval(switch_interval)  # the threads alone now: fewer hand-overs
             threads.shutdown(wait=True)
     failures = [future.exception() for future in compiles if future.exception() is not None]
     if failures:
