@@ -172,14 +172,19 @@ def test_scan_benchmark_without_gpu_explains(scan_bench, capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
+def run_cold_start(network_bench, monkeypatch, capsys, argv: list[str]) -> str:
+    """benchmark_network.py's main with ``argv`` here, in the test's process: only the children it starts, one per
+    model, are new Python processes (each takes seconds to import torch and nnU-Net). Returns its standard output."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # main sets it
+    assert network_bench.main(["--smoke", "--device", "cpu", "--cold-start", *argv]) == 0
+    return capsys.readouterr().out
+
+
 @slow
-def test_cold_start_times_each_model_in_a_new_process(tmp_path):
+def test_cold_start_times_each_model_in_a_new_process(network_bench, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cold.json"
-    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke",
-                             "--device", "cpu", "--cold-start", "--cold-start-steps", "2", "--models", "reference",
-                             "fast/torch", "nnunet_plain", "--json", str(out)], capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
+    stdout = run_cold_start(network_bench, monkeypatch, capsys, [
+        "--cold-start-steps", "2", "--models", "reference", "fast/torch", "nnunet_plain", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["reference", "fast/torch", "nnunet_plain"]
     # only our fast path compiles ahead (on the CPU nothing compiles: the pre-compile returns at once)
@@ -189,16 +194,14 @@ def test_cold_start_times_each_model_in_a_new_process(tmp_path):
         assert r["build_s"] > 0 and r["first_step_s"] > 0 and r["next_steps_s"] > 0 and r["steady_ms"] > 0
         # the parent's clock covers the child's whole life: imports, building, every step
         assert r["process_s"] > r["build_s"] + r["first_step_s"] + r["next_steps_s"]
-    assert "| 1x3x64x64 | fp32 | reference | empty |" in result.stdout
+    assert "| 1x3x64x64 | fp32 | reference | empty |" in stdout
 
 
 @slow
-def test_cold_start_reports_a_failed_child_and_goes_on(tmp_path):
-    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke",
-                             "--device", "cpu", "--cold-start", "--cold-start-steps", "1", "--classes", "0",
-                             "--models", "nnunet_plain"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "| nnunet_plain | empty |" in result.stdout and "failed:" in result.stdout
+def test_cold_start_reports_a_failed_child_and_goes_on(network_bench, monkeypatch, capsys):
+    stdout = run_cold_start(network_bench, monkeypatch, capsys, [
+        "--cold-start-steps", "1", "--classes", "0", "--models", "nnunet_plain"])
+    assert "| nnunet_plain | empty |" in stdout and "failed:" in stdout
 
 
 @slow
