@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 # --------------------------------------------------------------- tests of read-only files and folders
 # Root writes into read-only folders (CAP_DAC_OVERRIDE), so there such a test would prove nothing. Where that is the
 # case, a test marked `read_only` runs again in a child pytest that has dropped the capability (util-linux's
-# setpriv) and passes or fails with it.
+# setpriv) and passes or fails with it; one child runs all of the session's `read_only` tests.
 _CHILD_FLAG = "SAUMAMBA_TEST_WITHOUT_DAC_OVERRIDE"
 _DROP_DAC = ["--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all", "--"]
 
@@ -61,15 +61,29 @@ def pytest_runtest_setup(item):
         pytest.skip("this user writes into read-only folders and cannot drop that capability (setpriv)")
 
 
+_child_runs: dict[str, subprocess.CompletedProcess] = {}  # node ID -> the child pytest that ran that test
+
+
+def _child_run_without_dac(item) -> subprocess.CompletedProcess:
+    """The child pytest without CAP_DAC_OVERRIDE that ran ``item``: at the first `read_only` test, one child runs
+    every `read_only` test of the session not run yet (each child's start imports torch again)."""
+    if item.nodeid not in _child_runs:
+        nodeids = [i.nodeid for i in item.session.items if "read_only" in i.keywords and i.nodeid not in _child_runs]
+        child = subprocess.run(
+            [_setpriv_drops_dac(), *_DROP_DAC, sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+             *nodeids], cwd=item.config.rootpath, env=os.environ | {_CHILD_FLAG: "1"},
+            capture_output=True, text=True, timeout=600)
+        _child_runs.update(dict.fromkeys(nodeids, child))
+    return _child_runs[item.nodeid]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
     if "read_only" not in pyfuncitem.keywords or permissions_enforced():
         return None
-    child = subprocess.run(
-        [_setpriv_drops_dac(), *_DROP_DAC, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         pyfuncitem.nodeid], cwd=pyfuncitem.config.rootpath, env=os.environ | {_CHILD_FLAG: "1"},
-        capture_output=True, text=True, timeout=600)
-    passed = child.returncode == 0 and " passed" in child.stdout and " skipped" not in child.stdout
+    child = _child_run_without_dac(pyfuncitem)
+    # -rA lists each test that passed as "PASSED <node ID>"; a failed or skipped one is not
+    passed = f"PASSED {pyfuncitem.nodeid}" in child.stdout.splitlines()
     assert passed, f"without CAP_DAC_OVERRIDE the test did not pass:\n{child.stdout[-3000:]}\n{child.stderr[-2000:]}"
     return True
 

@@ -98,18 +98,35 @@ def test_released_row_needs_the_released_code(network_bench, capsys):
     assert "--models released needs --released-code DIR" in capsys.readouterr().err
 
 
+def test_cpu_rows_are_the_reference_the_torch_scan_and_nnunet_plus_the_released_code_when_given(network_bench,
+                                                                                                  tmp_path):
+    def models(argv):
+        args = network_bench.parse_args(["--smoke", "--device", "cpu", *argv])
+        return [name for name, _ in network_bench.model_specs(args, 3, args.classes, 64, torch.device("cpu"))]
+
+    assert models([]) == ["reference", "fast/torch", "nnunet_plain"]
+    code = write_fake_released(tmp_path / "SA-UMamba", FAKE_RELEASED)
+    assert models(["--released-code", str(code)]) == ["reference", "released", "fast/torch", "nnunet_plain"]
+
+
 @slow
-def test_benchmark_smoke_mode_writes_all_rows(tmp_path):
+def test_benchmark_smoke_mode_writes_all_rows_and_builds_the_released_config(tmp_path):
+    """Every CPU row, the released code's included (a fake stands in for it), in one run of the script."""
+    code = write_fake_released(tmp_path / "SA-UMamba", FAKE_RELEASED)
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke",
-                             "--device", "cpu", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke", "--device", "cpu", "--released-code",
+                             str(code), "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [r["model"] for r in rows] == ["reference", "fast/torch", "nnunet_plain"]
-    assert all(r["train_ms"] > 0 and r["infer_ms"] > 0 for r in rows)
+    assert [r["model"] for r in rows] == ["reference", "released", "fast/torch", "nnunet_plain"]
+    assert all(r["train_ms"] > 0 and r["infer_ms"] > 0 and r["note"] == "" for r in rows)
     # the host queues a step no later than the step completes
     assert all(0 < r["train_issue_ms"] <= r["train_ms"] for r in rows)
-    assert "| 1x3x64x64 | fp32 | reference |" in result.stdout
+    # the released configs/config_setting.py, 2 classes, no checkpoint
+    assert json.loads((code / "models" / "vmunet" / "built.json").read_text()) == dict(
+        input_channels=3, num_classes=2, depths=[2, 2, 2, 2], depths_decoder=[2, 2, 2, 1], drop_path_rate=0.2,
+        load_ckpt_path=None)
+    assert "| 1x3x64x64 | fp32 | reference |" in result.stdout and "| 1x3x64x64 | fp32 | released |" in result.stdout
 
 
 @slow
@@ -172,14 +189,19 @@ def test_scan_benchmark_without_gpu_explains(scan_bench, capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
+def run_cold_start(network_bench, monkeypatch, capsys, argv: list[str]) -> str:
+    """benchmark_network.py's main with ``argv`` here, in the test's process: only the children it starts, one per
+    model, are new Python processes (each takes seconds to import torch and nnU-Net). Returns its standard output."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # main sets it
+    assert network_bench.main(["--smoke", "--device", "cpu", "--cold-start", *argv]) == 0
+    return capsys.readouterr().out
+
+
 @slow
-def test_cold_start_times_each_model_in_a_new_process(tmp_path):
+def test_cold_start_times_each_model_in_a_new_process(network_bench, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cold.json"
-    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke",
-                             "--device", "cpu", "--cold-start", "--cold-start-steps", "2", "--models", "reference",
-                             "fast/torch", "nnunet_plain", "--json", str(out)], capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
+    stdout = run_cold_start(network_bench, monkeypatch, capsys, [
+        "--cold-start-steps", "2", "--models", "reference", "fast/torch", "nnunet_plain", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["reference", "fast/torch", "nnunet_plain"]
     # only our fast path compiles ahead (on the CPU nothing compiles: the pre-compile returns at once)
@@ -189,32 +211,11 @@ def test_cold_start_times_each_model_in_a_new_process(tmp_path):
         assert r["build_s"] > 0 and r["first_step_s"] > 0 and r["next_steps_s"] > 0 and r["steady_ms"] > 0
         # the parent's clock covers the child's whole life: imports, building, every step
         assert r["process_s"] > r["build_s"] + r["first_step_s"] + r["next_steps_s"]
-    assert "| 1x3x64x64 | fp32 | reference | empty |" in result.stdout
+    assert "| 1x3x64x64 | fp32 | reference | empty |" in stdout
 
 
 @slow
-def test_cold_start_reports_a_failed_child_and_goes_on(tmp_path):
-    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke",
-                             "--device", "cpu", "--cold-start", "--cold-start-steps", "1", "--classes", "0",
-                             "--models", "nnunet_plain"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "| nnunet_plain | empty |" in result.stdout and "failed:" in result.stdout
-
-
-@slow
-def test_released_row_is_built_as_the_released_config_and_measured(tmp_path):
-    code = write_fake_released(tmp_path / "SA-UMamba", FAKE_RELEASED)
-    out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(NETWORK_BENCHMARK), "--smoke", "--device", "cpu", "--released-code",
-                             str(code), "--models", "reference", "released", "--json", str(out)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["model"] for r in rows] == ["reference", "released"]
-    released = rows[1]
-    assert released["train_ms"] > 0 and released["infer_ms"] > 0 and released["note"] == ""
-    # the released configs/config_setting.py, 2 classes, no checkpoint
-    assert json.loads((code / "models" / "vmunet" / "built.json").read_text()) == dict(
-        input_channels=3, num_classes=2, depths=[2, 2, 2, 2], depths_decoder=[2, 2, 2, 1], drop_path_rate=0.2,
-        load_ckpt_path=None)
-    assert "| 1x3x64x64 | fp32 | released |" in result.stdout
+def test_cold_start_reports_a_failed_child_and_goes_on(network_bench, monkeypatch, capsys):
+    stdout = run_cold_start(network_bench, monkeypatch, capsys, [
+        "--cold-start-steps", "1", "--classes", "0", "--models", "nnunet_plain"])
+    assert "| nnunet_plain | empty |" in stdout and "failed:" in stdout

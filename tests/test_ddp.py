@@ -11,13 +11,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba
-from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import nnUNetTrainerSAUMamba
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.mark.parametrize("global_batch, world_size, per_rank", [(5, 2, 3), (4, 2, 2), (7, 4, 2), (12, 3, 4)])
 def test_ddp_batch_is_equal_on_every_rank(tmp_path, monkeypatch, global_batch, world_size, per_rank):
+    # imported here: the two-process test's children import this module, and the trainer's imports (nnU-Net's
+    # trainer, torch._dynamo) would add seconds to each
+    from nnunetv2_sa_umamba.training.nnUNetTrainerSAUMamba import nnUNetTrainerSAUMamba
+
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(name, str(tmp_path))
     plans = json.loads((FIXTURES / "nnUNetPlans_2d.json").read_text())

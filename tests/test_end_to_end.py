@@ -241,7 +241,7 @@ def demo(tmp_path_factory):
     output = _run([BIN / "saumamba_demo", "-o", root, "--trainer", TRAINER, "--num-train", NUM_TRAIN,
                    "--num-test", NUM_TEST, "--image-size", IMAGE_SIZE, "--device", "cpu"], env)
     yield layout, env, output
-    shutil.rmtree(root)  # each checkpoint holds 42M parameters plus AdamW state (~0.5 GB)
+    shutil.rmtree(root)  # checkpoints, predictions and preprocessed data
 
 
 def _finite_dice(summary_file: Path) -> float:
