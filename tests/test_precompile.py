@@ -130,7 +130,6 @@ def test_a_failed_compile_warns_and_leaves_the_variant_to_its_launch(dry_run_hoo
     assert any("1 of 1 Triton kernel variants failed to compile ahead" in str(w.message) for w in caught)
 
 
-
 def test_the_dry_step_gets_the_gil_back_quickly_and_the_interval_is_restored(dry_run_hook):
     before = sys.getswitchinterval()
     with pytest.raises(RuntimeError, match="dry step failed"):
@@ -139,6 +138,7 @@ def test_the_dry_step_gets_the_gil_back_quickly_and_the_interval_is_restored(dry
             assert sys.getswitchinterval() < before
             raise RuntimeError("dry step failed")
     assert sys.getswitchinterval() == before
+
 
 # ------------------------------------------------------------ which sizes the kernels specialise on
 def _specialization(kernel, *args, **kwargs):
