@@ -10,6 +10,8 @@ Every row is measured in one run on one device with the same batch, so ratios ar
   fast/<scan>    our fast path with each available selective-scan backend, kernel by kernel
   fast+graphs    the fast path with the CUDA graphs our trainer records on one GPU and nnUNetv2_predict replays:
                  default scan, training steps and inference replayed as graphs
+  fast+graphs/mamba-fwd  the same with mamba-ssm's scan forward instead of our sequential Triton forward (kernel
+                 policy scan_forward="torch"; only when --models names it): what that forward saves
   fast+compile   the fast path under torch.compile (only with --compile)
   nnunet_plain   nnU-Net's PlainConvUNet as nnU-Net plans it for 256x256 2D input (7 stages, 32..512)
 A training step is forward + cross-entropy + backward + AdamW step (lr 1e-3, weight decay 1e-2, as the released code
@@ -250,6 +252,9 @@ def released_network(vmunet: type[nn.Module], in_channels: int, classes: int) ->
     return vmunet(input_channels=3 if in_channels == 1 else in_channels, num_classes=classes, **RELEASED_CONFIG)
 
 
+MAMBA_FORWARD_ROW = "fast+graphs/mamba-fwd"
+
+
 def model_specs(args, in_channels: int, classes: int, size: int, device: torch.device):
     """(name, builder) for every row on this device."""
     arch = dict(dims=(24, 48, 96, 192)) if args.smoke else {}
@@ -262,6 +267,9 @@ def model_specs(args, in_channels: int, classes: int, size: int, device: torch.d
     if device.type == "cuda":
         specs.append(("fast+graphs", lambda: enable_inference_graphs(
             enable_training_graphs(SAUMamba(in_channels, classes, **arch)))))
+        if args.models and MAMBA_FORWARD_ROW in args.models:
+            specs.append((MAMBA_FORWARD_ROW, lambda: enable_inference_graphs(enable_training_graphs(
+                SAUMamba(in_channels, classes, kernels=kernel_policy(scan_forward="torch"), **arch)))))
     if args.compile:
         specs.append(("fast+compile", lambda: torch.compile(SAUMamba(in_channels, classes, **arch))))
     specs.append(("nnunet_plain", lambda: nnunet_plain_unet(in_channels, classes, size)))
@@ -289,7 +297,7 @@ def run(args) -> list[Row]:
                         model, x, target, dtype_name, args.warmup, args.iters, fused)
                     if args.profile:
                         profile_training_step(model, x, target, dtype_name, args.profile, str(row), fused)
-                    if name == "fast+graphs":
+                    if name.startswith("fast+graphs"):
                         missing = [kind for kind in ("training", "inference") if not graphs_recorded(model, kind)]
                         if missing:
                             row.note = f"{' and '.join(missing)} CUDA graphs not recorded: ran kernel by kernel"
@@ -460,7 +468,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
     parser.add_argument("--models", nargs="+", default=None,
                         help="only these rows (reference, released, fast/cuda, fast/triton, fast/torch, "
-                             "fast+graphs, fast+compile, nnunet_plain)")
+                             f"fast+graphs, {MAMBA_FORWARD_ROW}, fast+compile, nnunet_plain)")
     parser.add_argument("--released-code", type=Path, default=None, metavar="DIR",
                         help=f"add a 'released' row: the released code's VMUNet, imported from "
                              f"DIR/models/vmunet/vmunet.py (DIR: your checkout of {RELEASED_REPOSITORY}; it needs "

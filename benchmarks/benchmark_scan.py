@@ -2,7 +2,8 @@
 
 Rows per stage (channels = 4 directions x d_inner, L = H x W of a 256 x 256 input; bf16 u, delta, B, C; float32
 A, D and delta bias; N = 16, 4 groups of B and C, softplus on): mamba-ssm's kernel (``cuda``, through
-ops/scan/cuda_backend.py, when it imports) and our chunked Triton kernels (``triton``, ops/scan/kernels.py).
+ops/scan/cuda_backend.py, when it imports), our sequential Triton forward beside mamba-ssm's backward
+(``cuda+sequential``, ops/scan/sequential_forward.py) and our chunked Triton kernels (``triton``, ops/scan/kernels.py).
 Kernels are called directly, without autograd; forward + backward is one forward and one backward call. Times are
 medians of triton.testing.do_bench (CUDA events, L2 flushed between runs; the first call, which compiles, is not
 timed). "per step" is count x fwd+bwd: the scans of one training step at that stage. "max err" is the largest error
@@ -95,6 +96,20 @@ def cuda_implementation() -> Implementation | None:
     return Implementation("cuda", forward, backward)
 
 
+def cuda_sequential_implementation() -> Implementation | None:
+    """Our sequential Triton forward (ops/scan/sequential_forward.py, B and C transposes included) beside mamba-ssm's
+    backward, as the fast path runs them; None when mamba-ssm's kernel does not import."""
+    cuda = cuda_implementation()
+    if cuda is None:
+        return None
+    from nnunetv2_sa_umamba.ops.scan import sequential_forward
+
+    def forward(inputs):
+        return sequential_forward.forward(*_args(inputs), True)
+
+    return Implementation("cuda+sequential", forward, cuda.backward)
+
+
 def triton_implementation(module, name: str) -> Implementation:
     """A module with forward/backward as ops/scan/kernels.py has them."""
     def forward(inputs):
@@ -171,7 +186,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=28)
     parser.add_argument("--stages", type=int, nargs="+", default=None, choices=[1, 2, 3, 4], help="only these stages")
-    parser.add_argument("--implementations", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"])
+    parser.add_argument("--implementations", nargs="+", default=["cuda", "cuda+sequential", "triton"],
+                        choices=["cuda", "cuda+sequential", "triton"])
     parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up (CUDA) or calls (--smoke)")
     parser.add_argument("--iters", type=int, default=100, help="ms of timed runs (CUDA) or calls (--smoke)")
     parser.add_argument("--smoke", action="store_true",
@@ -198,11 +214,12 @@ def main(argv=None) -> int:
     chosen = [(i + 1, *stage) for i, stage in enumerate(stages) if args.stages is None or i + 1 in args.stages]
     implementations = []
     for name in args.implementations:
-        if name == "cuda":
-            impl = None if args.smoke else cuda_implementation()
+        if name.startswith("cuda"):
+            impl = None if args.smoke else (cuda_implementation() if name == "cuda"
+                                            else cuda_sequential_implementation())
             if impl is None:
-                print("cuda: no rows (" + ("--smoke runs on the CPU" if args.smoke
-                                           else "mamba-ssm's selective_scan_cuda is not importable here") + ")")
+                print(f"{name}: no rows (" + ("--smoke runs on the CPU" if args.smoke
+                                              else "mamba-ssm's selective_scan_cuda is not importable here") + ")")
             else:
                 implementations.append(impl)
         else:

@@ -161,7 +161,7 @@ def test_scan_benchmark_smoke_mode_times_the_triton_scan_at_every_stage(tmp_path
     assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > r["forward_ms"] for r in rows)
     assert all(r["max_err"] == 0.0 and r["per_step_ms"] == r["count"] * r["forward_backward_ms"] for r in rows)
     assert "| 1 | 1x8x12 | triton |" in result.stdout
-    assert "cuda: no rows" in result.stdout
+    assert "cuda: no rows" in result.stdout and "cuda+sequential: no rows" in result.stdout
 
 
 @pytest.fixture

@@ -127,6 +127,6 @@ class SS2D(nn.Module):
         # direction) from dts (C / 16 rows) instead of keeping it
         ys = selective_scan_lowrank_delta(
             xs.view(b, k * d, length), dts, dt_weight, a, bs.contiguous(), cs.contiguous(), ds,
-            delta_bias=dt_bias, delta_softplus=True, backend=self.kernels.scan,
+            delta_bias=dt_bias, delta_softplus=True, backend=self.kernels.scan, scan_forward=self.kernels.scan_forward,
         ).view(b, k, d, length)
         return cross_merge(ys, h, w, fused)

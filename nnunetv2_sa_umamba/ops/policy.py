@@ -11,8 +11,11 @@ Choices, resolved from explicit arguments, else the environment, else the defaul
 - ``scan``: the selective-scan backend, "auto" (default), "cuda", "triton" or "torch" (``SAUMAMBA_SCAN_BACKEND``),
   or "reference" (the sequential loop, for tests; only as an argument). See ops/scan/interface.py.
 - ``rfaconv``, ``layernorm``, ``cross_scan``: each fused operator's Triton kernels, "auto" (default: on CUDA
-  tensors when Triton is installed), "triton" (always) or "torch" (never). ``SAUMAMBA_FUSED_KERNELS`` sets all
-  three; a per-operator argument overrides it for that operator.
+  tensors when Triton is installed), "triton" (always) or "torch" (never).
+- ``scan_forward``: the fast path's scan forward as our step-by-step Triton kernel beside mamba-ssm's backward
+  (``cuda`` scan backend only), "auto" (default: on CUDA tensors when Triton is installed, for the sequence lengths
+  where it is faster), "triton" (at every length) or "torch" (never: mamba-ssm's forward).
+- ``SAUMAMBA_FUSED_KERNELS`` sets the last four; a per-operator argument overrides it for that operator.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ SCAN_ENV_CHOICES = ("auto", "cuda", "triton", "torch")
 SCAN_BACKENDS = SCAN_ENV_CHOICES + ("reference",)
 FUSED_ENV_VAR = "SAUMAMBA_FUSED_KERNELS"
 FUSED_CHOICES = ("auto", "triton", "torch")
-FUSED_OPERATORS = ("rfaconv", "layernorm", "cross_scan")
+FUSED_OPERATORS = ("rfaconv", "layernorm", "cross_scan", "scan_forward")
 _ALLOWED = {"implementation": IMPLEMENTATIONS, "scan": SCAN_BACKENDS,
             **{name: FUSED_CHOICES for name in FUSED_OPERATORS}}
 
@@ -41,6 +44,7 @@ class KernelPolicy:
     rfaconv: str = "auto"
     layernorm: str = "auto"
     cross_scan: str = "auto"
+    scan_forward: str = "auto"
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -71,11 +75,12 @@ def _from_env(name: str, choices: tuple[str, ...], environ: Mapping[str, str]) -
 
 def kernel_policy(implementation: str | None = None, scan: str | None = None, fused: str | None = None, *,
                   rfaconv: str | None = None, layernorm: str | None = None, cross_scan: str | None = None,
-                  environ: Mapping[str, str] | None = None) -> KernelPolicy:
+                  scan_forward: str | None = None, environ: Mapping[str, str] | None = None) -> KernelPolicy:
     """The policy for these arguments, with ``SAUMAMBA_SCAN_BACKEND`` and ``SAUMAMBA_FUSED_KERNELS`` filling in
     what is not given (``environ``: os.environ by default), and the defaults the rest.
 
-    ``fused`` sets every fused operator; ``rfaconv``, ``layernorm`` and ``cross_scan`` override it for one.
+    ``fused`` sets every fused operator; ``rfaconv``, ``layernorm``, ``cross_scan`` and ``scan_forward`` override
+    it for one.
     Raises ValueError naming the argument or environment variable and its allowed values.
     """
     environ = os.environ if environ is None else environ
@@ -84,4 +89,5 @@ def kernel_policy(implementation: str | None = None, scan: str | None = None, fu
     scan = scan or _from_env(SCAN_ENV_VAR, SCAN_ENV_CHOICES, environ) or "auto"
     fused = fused or _from_env(FUSED_ENV_VAR, FUSED_CHOICES, environ) or "auto"
     return KernelPolicy(implementation=implementation or "fast", scan=scan, rfaconv=rfaconv or fused,
-                        layernorm=layernorm or fused, cross_scan=cross_scan or fused)
+                        layernorm=layernorm or fused, cross_scan=cross_scan or fused,
+                        scan_forward=scan_forward or fused)

@@ -19,7 +19,13 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from nnunetv2_sa_umamba.ops.common import KERNEL_DTYPES, optional_grad, optional_import, optional_output
+from nnunetv2_sa_umamba.ops.common import (
+    KERNEL_DTYPES,
+    lazy_module,
+    optional_grad,
+    optional_import,
+    optional_output,
+)
 
 KERNEL_MODULE = "selective_scan_cuda"  # the compiled extension, imported after torch
 _KERNEL_CHUNK = 2048  # steps per chunk inside the kernel; sizes the saved states x
@@ -33,6 +39,9 @@ def kernel_available() -> bool:
 def kernel_import_error() -> str:
     """Why ``selective_scan_cuda`` did not import ("" when it did)."""
     return optional_import(KERNEL_MODULE)[1]
+
+
+_sequential_forward = lazy_module("nnunetv2_sa_umamba.ops.scan.sequential_forward")
 
 
 def _kernel() -> ModuleType:
@@ -114,21 +123,24 @@ def project_delta(delta_weight: Tensor, delta_low: Tensor) -> Tensor:
 
 @torch.library.custom_op("saumamba::scan_cuda_lowrank_delta_fwd", mutates_args=(), device_types="cuda")
 def _scan_lowrank_delta_fwd(u: Tensor, delta_low: Tensor, delta_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                            D: Tensor | None, delta_bias: Tensor | None,
-                            delta_softplus: bool) -> tuple[Tensor, Tensor]:
-    """As scan_cuda_fwd with delta = project_delta(delta_weight, delta_low)."""
-    return torch.ops.saumamba.scan_cuda_fwd(u, project_delta(delta_weight, delta_low), A, B, C, D, delta_bias,
-                                            delta_softplus)
+                            D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
+                            sequential_forward: bool) -> tuple[Tensor, Tensor]:
+    """As scan_cuda_fwd with delta = project_delta(delta_weight, delta_low); with ``sequential_forward`` the
+    Triton kernel of ops/scan/sequential_forward.py computes (out, x) instead of mamba-ssm's forward."""
+    delta = project_delta(delta_weight, delta_low)
+    if sequential_forward:
+        return _sequential_forward().forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return torch.ops.saumamba.scan_cuda_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
 @_scan_lowrank_delta_fwd.register_fake
-def _(u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus):
+def _(u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus, sequential_forward):
     return (u.new_empty(u.shape, dtype=torch.promote_types(delta_weight.dtype, delta_low.dtype)),
             _fake_states(u, A))
 
 
 def _lowrank_setup_context(ctx, inputs, output):
-    u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus = inputs
+    u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus, _ = inputs
     # the low-rank factor, not delta: R rows per group instead of dim_per_group
     ctx.save_for_backward(u, delta_low, delta_weight, A, B, C, D, delta_bias, output[1])
     ctx.delta_softplus = delta_softplus
@@ -143,7 +155,7 @@ def _lowrank_backward(ctx, dout, _dx):
     grad_low = torch.matmul(delta_weight.transpose(-1, -2), ddelta)
     grad_weight = torch.matmul(ddelta, delta_low.transpose(-1, -2)).sum(0)
     return (du, grad_low, grad_weight, dA, dB, dC, optional_grad(dD, D), optional_grad(ddelta_bias, delta_bias),
-            None)
+            None, None)
 
 
 _scan_lowrank_delta_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
@@ -174,13 +186,16 @@ def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
 
 def selective_scan_cuda_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Tensor, A: Tensor, B: Tensor,
                                       C: Tensor, D: Tensor | None = None, delta_bias: Tensor | None = None,
-                                      delta_softplus: bool = False) -> Tensor:
+                                      delta_softplus: bool = False, sequential_forward: bool = False) -> Tensor:
     """``selective_scan_cuda`` with delta = project_delta(delta_weight, delta_low), computed here. The backward
     recomputes delta instead of keeping it: for SS2D it keeps R = ceil(C / 16) rows per direction instead of 2C,
-    which lowers peak training memory (docs/BENCHMARKS.md). delta_weight and delta_low must have u's dtype."""
+    which lowers peak training memory (docs/BENCHMARKS.md). delta_weight and delta_low must have u's dtype.
+    ``sequential_forward``: the forward is our step-by-step Triton kernel (``use_sequential_forward``), the
+    backward still mamba-ssm's."""
     operands = _kernel_operands(u, A, B, C, D, delta_bias)
     if delta_low.dtype != u.dtype or delta_weight.dtype != u.dtype:
         raise TypeError(f"the cuda selective-scan kernel takes u, delta_low and delta_weight of one dtype, got "
                         f"{u.dtype}, {delta_low.dtype}, {delta_weight.dtype}")
-    out, _ = torch.ops.saumamba.scan_cuda_lowrank_delta_fwd(u, delta_low, delta_weight, *operands, delta_softplus)
+    out, _ = torch.ops.saumamba.scan_cuda_lowrank_delta_fwd(u, delta_low, delta_weight, *operands, delta_softplus,
+                                                            sequential_forward)
     return out

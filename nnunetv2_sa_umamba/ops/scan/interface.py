@@ -7,16 +7,27 @@ Backends (same semantics, mamba-ssm's ``selective_scan_fn`` without ``z``):
 - ``torch``: chunked pure PyTorch with a hand-written backward; any device, float32 state.
 - ``reference``: the step-by-step loop under autograd; for tests, used only when named explicitly.
 
+``selective_scan_lowrank_delta`` with the ``cuda`` backend can run its forward as our step-by-step Triton kernel
+(ops/scan/sequential_forward.py) beside mamba-ssm's backward: ``use_sequential_forward`` decides, from the kernel
+policy's ``scan_forward``.
+
 Choice: the ``backend`` argument (SS2D passes its ``KernelPolicy``'s ``scan``, which ``SAUMAMBA_SCAN_BACKEND``
 sets), ``auto`` by default: for CUDA tensors mamba-ssm's kernel when it imports, else the Triton kernels when
 Triton imports; ``torch`` otherwise. Under torch.compile the choice is made once, when the graph is traced.
 """
+import functools
 import logging
 
 import torch
 from torch import Tensor
 
-from nnunetv2_sa_umamba.ops.common import TRITON_INSTALL_HINT, lazy_module, triton_importable, triton_interpreted
+from nnunetv2_sa_umamba.ops.common import (
+    TRITON_INSTALL_HINT,
+    fused_kernels_run,
+    lazy_module,
+    triton_importable,
+    triton_interpreted,
+)
 from nnunetv2_sa_umamba.ops.policy import SCAN_BACKENDS, SCAN_ENV_VAR
 from nnunetv2_sa_umamba.ops.scan import cuda_backend
 from nnunetv2_sa_umamba.ops.scan.reference import selective_scan_reference
@@ -36,6 +47,11 @@ _DESCRIPTIONS = {
 }
 _logged: set[str] = set()
 _triton_backend = lazy_module("nnunetv2_sa_umamba.ops.scan.triton_backend")
+_sequential_forward = lazy_module("nnunetv2_sa_umamba.ops.scan.sequential_forward")
+# "auto" runs the sequential forward where its programs (each one walk through the whole sequence) are at least
+# this many per SM: on an H200 it beat mamba-ssm's forward in every measured scan of SS2D's with that many (batch
+# 3-28, 64-4096 steps) and lost in every one with fewer (batch 1-12, 64-16384 steps; docs/BENCHMARKS.md)
+SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM = 8
 
 
 def available_backends() -> tuple[str, ...]:
@@ -151,12 +167,37 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     return impl(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def use_sequential_forward(u: Tensor, d_state: int, groups: int, choice: str) -> bool:
+    """Whether the ``cuda`` backend's scan of ``u`` (batch, dim, L) with state size ``d_state`` and ``groups`` groups
+    of B and C runs its forward as the sequential Triton kernel, for the kernel choice ("auto", "triton" or "torch",
+    ``KernelPolicy.scan_forward``): "auto" where it has ``SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM`` programs per SM,
+    "triton" always."""
+    if not fused_kernels_run(choice, u, u.numel(), f"the sequential scan forward with kernels {choice!r}"):
+        return False
+    if not _sequential_forward().supports(d_state):
+        if choice == "triton":
+            raise ValueError(f"the sequential scan forward needs a power-of-two state size in [2, 64], got "
+                             f"{d_state}; choose scan_forward 'auto' or 'torch'.")
+        return False
+    if choice == "triton":
+        return True
+    programs = _sequential_forward().program_count(u.shape[0], u.shape[1], groups)
+    return programs >= SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device)
+
+
 def selective_scan_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Tensor, A: Tensor, B: Tensor,
                                  C: Tensor, D: Tensor | None = None, delta_bias: Tensor | None = None,
-                                 delta_softplus: bool = False, backend: str = "auto") -> Tensor:
+                                 delta_softplus: bool = False, backend: str = "auto",
+                                 scan_forward: str = "auto") -> Tensor:
     """``selective_scan`` with delta = delta_weight (groups, dim / groups, R) @ delta_low (batch, groups, R, L)
     per group (SS2D's dt projection). Same values; with the ``cuda`` backend the backward recomputes delta from
-    delta_low instead of keeping it. u, delta_low and delta_weight share one dtype."""
+    delta_low instead of keeping it, and the forward is the sequential Triton kernel where
+    ``use_sequential_forward(u, N, groups, scan_forward)``. u, delta_low and delta_weight share one dtype."""
     groups = delta_low.shape[1] if delta_low.dim() == 4 else -1
     if delta_low.dim() != 4 or delta_low.shape[0] != u.shape[0] or delta_low.shape[3] != u.shape[2] \
             or delta_weight.dim() != 3 or delta_weight.shape[0] != groups \
@@ -167,7 +208,8 @@ def selective_scan_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Ten
     name = _choose_backend(u.device, backend)
     if name == "cuda":
         _check_shapes(u, u, A, B, C, D, delta_bias)
-        return cuda_backend.selective_scan_cuda_lowrank_delta(u, delta_low, delta_weight, A, B, C, D, delta_bias,
-                                                           delta_softplus)
+        return cuda_backend.selective_scan_cuda_lowrank_delta(
+            u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus,
+            sequential_forward=use_sequential_forward(u, A.shape[1], B.shape[1], scan_forward))
     return selective_scan(u, cuda_backend.project_delta(delta_weight, delta_low), A, B, C, D, delta_bias,
                           delta_softplus, backend=name)
