@@ -6,10 +6,15 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py turns i
 that short sequences cross several. CUDA tests (marked ``cuda``) print their largest errors; run them with
 ``pytest -m cuda -s``.
 """
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nnunetv2_sa_umamba.modules.ss2d import SS2D
+from nnunetv2_sa_umamba.ops.policy import KernelPolicy
 from nnunetv2_sa_umamba.ops.scan import cuda_backend, interface
 from nnunetv2_sa_umamba.ops.scan import sequential_forward as kernel
 from nnunetv2_sa_umamba.ops.scan.reference import selective_scan_reference
@@ -73,6 +78,28 @@ def test_forward_matches_reference(batch, dim, length, d_state, groups, use_D, u
     assert (x[..., 0::2] - x_ref[..., 0::2]).abs().max() < 1e-5  # the decay products, in [0, 1]
 
 
+def test_forward_writes_nothing_outside_its_outputs(monkeypatch):
+    """Channels past a group's end (3 groups of 6 channels in programs of 4) and steps past the sequence's end are
+    masked: y and x are handed out as slices of larger buffers whose margins must stay as they were."""
+    margin, buffers = 64, []
+
+    def padded(shape, dtype, device):
+        buffer = torch.full((math.prod(shape) + 2 * margin,), 12345.0, dtype=dtype, device=device)
+        buffers.append(buffer)
+        return buffer[margin:-margin].view(shape)
+
+    monkeypatch.setattr(kernel, "torch", SimpleNamespace(
+        float32=torch.float32, empty=lambda shape, device, dtype: padded(shape, dtype, device),
+        empty_like=lambda t: padded(t.shape, t.dtype, t.device)))
+    inputs = make_inputs(1, 18, 19, 4, 3, dtype=torch.float32, device=DEVICE)
+    y, x = kernel.forward(*(inputs[k] for k in NAMES), True, state_chunk=8, block_d=4)
+    assert len(buffers) == 2 and x.shape == (1, 18, 3, 8)
+    for buffer in buffers:
+        assert (buffer[:margin] == 12345.0).all() and (buffer[-margin:] == 12345.0).all()
+    y_ref = selective_scan_reference(*(inputs[k].double() for k in NAMES), delta_softplus=True)
+    assert rel_err(y, y_ref) < 1e-5
+
+
 def test_forward_keeps_the_input_dtype_and_rounds_once():
     inputs = make_inputs(2, 8, 20, 4, 2, dtype=torch.float32, device=DEVICE)
     half = {k: v.to(torch.bfloat16) if k in ("u", "delta", "B", "C") else v for k, v in inputs.items()}
@@ -94,7 +121,7 @@ def test_forward_refuses_what_it_cannot_run(d_state, state_chunk, message):
 
 
 def test_the_choice_of_forward(monkeypatch):
-    u = torch.zeros(1, 256, 8, device=DEVICE)
+    u = torch.zeros(1, 256, interface.SEQUENTIAL_FORWARD_MIN_LENGTH, device=DEVICE)
     assert not interface.use_sequential_forward(u, 16, 4, "torch")
     # "triton" runs it wherever it can (on a CPU tensor through the interpreter the tests run in)
     assert interface.use_sequential_forward(u, 16, 4, "triton") is True
@@ -108,6 +135,29 @@ def test_the_choice_of_forward(monkeypatch):
     assert not interface.use_sequential_forward(u[:, :240], 16, 1, "auto")  # 15 programs
     assert interface.use_sequential_forward(u[:, :240].expand(2, -1, -1), 16, 1, "auto")  # 30: the batch counts
     assert not interface.use_sequential_forward(u, 12, 4, "auto")  # a state size it cannot take
+    assert not interface.use_sequential_forward(u[..., 1:], 16, 4, "auto")  # too short to be worth its compile
+
+
+def test_ss2d_asks_for_the_forward_its_policy_names(monkeypatch):
+    """SS2D's fast path hands its policy's scan_forward to the choice, and the choice to the cuda backend's op."""
+    asked, given = [], []
+    monkeypatch.setattr(interface, "_choose_backend", lambda device, backend: "cuda")
+
+    def choose(u, d_state, groups, choice):
+        asked.append((d_state, groups, choice))
+        return choice == "triton"
+
+    monkeypatch.setattr(interface, "use_sequential_forward", choose)
+
+    def op(u, *args, sequential_forward):
+        given.append(sequential_forward)
+        return torch.zeros_like(u)
+
+    monkeypatch.setattr(cuda_backend, "selective_scan_cuda_lowrank_delta", op)
+    for choice in ("triton", "torch"):
+        module = SS2D(8, kernels=KernelPolicy(scan="cuda", scan_forward=choice))
+        module(torch.randn(1, 4, 4, 8))
+    assert asked == [(16, 4, "triton"), (16, 4, "torch")] and given == [True, False]
 
 
 needs_kernel = pytest.mark.skipif(not cuda_backend.kernel_available(),

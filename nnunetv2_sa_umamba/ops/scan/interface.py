@@ -52,6 +52,9 @@ _sequential_forward = lazy_module("nnunetv2_sa_umamba.ops.scan.sequential_forwar
 # this many per SM: on an H200 it beat mamba-ssm's forward in every measured scan of SS2D's with that many (batch
 # 3-28, 64-4096 steps) and lost in every one with fewer (batch 1-12, 64-16384 steps; docs/BENCHMARKS.md)
 SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM = 8
+# ... and only for sequences of at least this many steps: shorter scans (a 64 x 64 demo's deepest stages) would save
+# microseconds per step, and compiling the kernel adds about 3 s to a fresh machine's first iteration
+SEQUENTIAL_FORWARD_MIN_LENGTH = 64
 
 
 def available_backends() -> tuple[str, ...]:
@@ -175,8 +178,8 @@ def _multiprocessors(device: torch.device) -> int:
 def use_sequential_forward(u: Tensor, d_state: int, groups: int, choice: str) -> bool:
     """Whether the ``cuda`` backend's scan of ``u`` (batch, dim, L) with state size ``d_state`` and ``groups`` groups
     of B and C runs its forward as the sequential Triton kernel, for the kernel choice ("auto", "triton" or "torch",
-    ``KernelPolicy.scan_forward``): "auto" where it has ``SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM`` programs per SM,
-    "triton" always."""
+    ``KernelPolicy.scan_forward``): "auto" where it has ``SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM`` programs per SM
+    and ``SEQUENTIAL_FORWARD_MIN_LENGTH`` steps, "triton" always."""
     if not fused_kernels_run(choice, u, u.numel(), f"the sequential scan forward with kernels {choice!r}"):
         return False
     if not _sequential_forward().supports(d_state):
@@ -186,6 +189,8 @@ def use_sequential_forward(u: Tensor, d_state: int, groups: int, choice: str) ->
         return False
     if choice == "triton":
         return True
+    if u.shape[-1] < SEQUENTIAL_FORWARD_MIN_LENGTH:
+        return False
     programs = _sequential_forward().program_count(u.shape[0], u.shape[1], groups)
     return programs >= SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device)
 
