@@ -110,6 +110,10 @@ def cuda_sequential_implementation() -> Implementation | None:
     return Implementation("cuda+sequential", forward, cuda.backward)
 
 
+# the rows that need mamba-ssm's kernel: name -> builder (None where the kernel does not import)
+CUDA_IMPLEMENTATIONS = {"cuda": cuda_implementation, "cuda+sequential": cuda_sequential_implementation}
+
+
 def triton_implementation(module, name: str) -> Implementation:
     """A module with forward/backward as ops/scan/kernels.py has them."""
     def forward(inputs):
@@ -186,8 +190,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=28)
     parser.add_argument("--stages", type=int, nargs="+", default=None, choices=[1, 2, 3, 4], help="only these stages")
-    parser.add_argument("--implementations", nargs="+", default=["cuda", "cuda+sequential", "triton"],
-                        choices=["cuda", "cuda+sequential", "triton"])
+    parser.add_argument("--implementations", nargs="+", default=[*CUDA_IMPLEMENTATIONS, "triton"],
+                        choices=[*CUDA_IMPLEMENTATIONS, "triton"])
     parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up (CUDA) or calls (--smoke)")
     parser.add_argument("--iters", type=int, default=100, help="ms of timed runs (CUDA) or calls (--smoke)")
     parser.add_argument("--smoke", action="store_true",
@@ -214,9 +218,8 @@ def main(argv=None) -> int:
     chosen = [(i + 1, *stage) for i, stage in enumerate(stages) if args.stages is None or i + 1 in args.stages]
     implementations = []
     for name in args.implementations:
-        if name.startswith("cuda"):
-            impl = None if args.smoke else (cuda_implementation() if name == "cuda"
-                                            else cuda_sequential_implementation())
+        if name in CUDA_IMPLEMENTATIONS:
+            impl = None if args.smoke else CUDA_IMPLEMENTATIONS[name]()
             if impl is None:
                 print(f"{name}: no rows (" + ("--smoke runs on the CPU" if args.smoke
                                               else "mamba-ssm's selective_scan_cuda is not importable here") + ")")

@@ -13,8 +13,9 @@ Choices, resolved from explicit arguments, else the environment, else the defaul
 - ``rfaconv``, ``layernorm``, ``cross_scan``: each fused operator's Triton kernels, "auto" (default: on CUDA
   tensors when Triton is installed), "triton" (always) or "torch" (never).
 - ``scan_forward``: the fast path's scan forward as our step-by-step Triton kernel beside mamba-ssm's backward
-  (``cuda`` scan backend only), "auto" (default: on CUDA tensors when Triton is installed, for the sequence lengths
-  where it is faster), "triton" (at every length) or "torch" (never: mamba-ssm's forward).
+  (``cuda`` scan backend only), "auto" (default: on CUDA tensors when Triton is installed, for the scans with enough
+  channels and steps for it to be faster; ``use_sequential_forward`` in ops/scan/interface.py), "triton" (always)
+  or "torch" (never: mamba-ssm's forward).
 - ``SAUMAMBA_FUSED_KERNELS`` sets the last four; a per-operator argument overrides it for that operator.
 """
 from __future__ import annotations

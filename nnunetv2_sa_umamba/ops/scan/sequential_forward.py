@@ -94,10 +94,15 @@ def launch_config(channels_per_group: int) -> tuple[int, int]:
     return min(CHANNELS_PER_PROGRAM, triton.next_power_of_2(channels_per_group)), 1
 
 
+def _grid(batch: int, channels: int, groups: int, block_d: int) -> tuple[int, int]:
+    """(programs per batch element, batch): each program one walk with block_d channels of one group."""
+    return groups * triton.cdiv(channels // groups, block_d), batch
+
+
 def program_count(batch: int, channels: int, groups: int) -> int:
     """How many programs (sequential walks) the default launch runs."""
-    block_d, _ = launch_config(channels // groups)
-    return batch * groups * triton.cdiv(channels // groups, block_d)
+    per_batch, _ = _grid(batch, channels, groups, launch_config(channels // groups)[0])
+    return per_batch * batch
 
 
 def supports(d_state: int) -> bool:
@@ -128,7 +133,7 @@ def forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
     n_chunks = triton.cdiv(length, state_chunk)
     y = torch.empty_like(u)
     x = torch.empty((batch, channels, n_chunks, 2 * d_state), device=u.device, dtype=torch.float32)
-    grid = (groups * triton.cdiv(channels // groups, block_d), batch)
+    grid = _grid(batch, channels, groups, block_d)
     _forward_kernel[grid](u, delta, A, Bt, Ct, A if D is None else D, A if delta_bias is None else delta_bias, y, x,
                           channels, length, channels // groups, groups, n_chunks,
                           HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
