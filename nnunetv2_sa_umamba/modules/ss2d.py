@@ -23,6 +23,7 @@ from nnunetv2_sa_umamba.ops.common import matmul_dtype
 from nnunetv2_sa_umamba.ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
 from nnunetv2_sa_umamba.ops.layernorm import layer_norm_gate
 from nnunetv2_sa_umamba.ops.policy import KernelPolicy, kernel_policy
+from nnunetv2_sa_umamba.ops.recompute import rebuilt_in_backward
 from nnunetv2_sa_umamba.ops.scan import selective_scan, selective_scan_lowrank_delta
 
 
@@ -77,9 +78,17 @@ class SS2D(nn.Module):
             y = self._forward_core_reference(self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous())))
             return self.out_proj(self.out_norm(y) * F.silu(z))
         # the channel-last permute is channels_last memory, on which cuDNN's depthwise conv is faster
-        y = self._forward_core_fast(self.act(self.conv2d(x.permute(0, 3, 1, 2))))
+        y = self._forward_core_fast(self.conv2d(x.permute(0, 3, 1, 2)))
         # one kernel on CUDA that keeps only y and z for the backward; rounded once for the projection
-        return self.out_proj(layer_norm_gate(y, z, self.out_norm, matmul_dtype(y), self.kernels.layernorm))
+        out_dtype = matmul_dtype(y)
+
+        def gated() -> torch.Tensor:
+            return layer_norm_gate(y, z, self.out_norm, out_dtype, self.kernels.layernorm)
+
+        gate_out = gated()
+        # the projection's backward gets its input rebuilt from y and z, which the gate's backward keeps anyway
+        with rebuilt_in_backward(gate_out, gated):
+            return self.out_proj(gate_out)
 
     def scan_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The scan's A (4D, N), D (4D,) and delta bias (4D,), float32."""
@@ -108,25 +117,33 @@ class SS2D(nn.Module):
         y = out_y[:, 0] + inv_y[:, 0] + wh_y + invwh_y
         return y.transpose(1, 2).contiguous().view(b, h, w, -1)
 
-    def _forward_core_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) -> (B, H, W, D), same values with fewer copies and 16-bit scan inputs."""
-        b, d, h, w = x.shape
+    def _forward_core_fast(self, conv_out: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) conv output -> (B, H, W, D), same values with fewer copies and 16-bit scan inputs."""
+        b, d, h, w = conv_out.shape
         length, k = h * w, NUM_DIRECTIONS
-        dtype = scan_dtype(x)
-        fused = cross_scan_op.use_fused(x, self.kernels.cross_scan)
-        # projections run in the scan dtype itself: fp16 autocast would otherwise add cast copies
-        with torch.autocast(x.device.type, enabled=False):
+        dtype = scan_dtype(conv_out)
+        fused = cross_scan_op.use_fused(conv_out, self.kernels.cross_scan)
+
+        def scan_input() -> torch.Tensor:
             # the conv's output is channels_last memory, so the permute is free
-            xs = cross_scan(x.permute(0, 2, 3, 1), dtype, fused)
-            # per-direction projections as broadcast batched matmuls: no einsum permute copies
-            x_dbl = torch.matmul(self.x_proj_weight.to(dtype), xs)
-            dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-            dt_weight = self.dt_projs_weight.to(dtype)
-        a, ds, dt_bias = self.scan_parameters()
-        # delta = dt_weight @ dts per direction, inside the scan: its backward recomputes delta (2C rows per
-        # direction) from dts (C / 16 rows) instead of keeping it
-        ys = selective_scan_lowrank_delta(
-            xs.view(b, k * d, length), dts, dt_weight, a, bs.contiguous(), cs.contiguous(), ds,
-            delta_bias=dt_bias, delta_softplus=True, backend=self.kernels.scan, scan_forward=self.kernels.scan_forward,
-        ).view(b, k, d, length)
+            return cross_scan(self.act(conv_out).permute(0, 2, 3, 1), dtype, fused)
+
+        xs = scan_input()
+        # xs (4x the conv output) is not kept for the backward: the matmul's and the scan's backward get it rebuilt
+        # from the conv output, which the SiLU's backward keeps anyway
+        with rebuilt_in_backward(xs, scan_input):
+            with torch.autocast(conv_out.device.type, enabled=False):
+                # per-direction projections as broadcast batched matmuls: no einsum permute copies
+                x_dbl = torch.matmul(self.x_proj_weight.to(dtype), xs)
+                dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+                dt_weight = self.dt_projs_weight.to(dtype)
+            a, ds, dt_bias = self.scan_parameters()
+            # delta = dt_weight @ dts per direction, inside the scan: its backward recomputes delta (2C rows per
+            # direction) from dts (C / 16 rows) instead of keeping it
+            # B and C as views of x_dbl, which the backward keeps for dts anyway
+            ys = selective_scan_lowrank_delta(
+                xs.view(b, k * d, length), dts, dt_weight, a, bs, cs, ds,
+                delta_bias=dt_bias, delta_softplus=True, backend=self.kernels.scan,
+                scan_forward=self.kernels.scan_forward,
+            ).view(b, k, d, length)
         return cross_merge(ys, h, w, fused)
