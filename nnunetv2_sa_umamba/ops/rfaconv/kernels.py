@@ -25,13 +25,15 @@ from nnunetv2_sa_umamba.ops.common import RFACONV_POSITIONS as POSITIONS
 BLOCK_K = 16  # the 9 positions, padded to a power of two
 # (positions per tile, channels per tile, warps, tiles per program) per kernel; programs that reduce over
 # positions loop over several tiles so that fewer partial sums meet in atomic adds
-# Chosen for the stage-1 and stage-3 shapes of a 28 x 256 x 256 batch together.
+# Chosen for the stage-1 and stage-3 shapes of a 28 x 256 x 256 batch together on an H100; "weighted" and
+# "backward_input" from a sweep at all four stage shapes on an H200, where 8 x 16 in one warp was the fastest of 12
+# tiles at every stage (0.41 against 0.72 ms and 0.89 against 1.18 ms at stage 1, docs/BENCHMARKS.md).
 CONFIGS = {
     "stats": (16, 16, 4, 1),
-    "weighted": (8, 32, 2, 1),
+    "weighted": (8, 16, 1, 1),
     "backward_reduce": (16, 16, 4, 1),
     "backward_features": (16, 16, 4, 16),
-    "backward_input": (8, 32, 2, 1),
+    "backward_input": (8, 16, 1, 1),
 }
 # Under 16-bit autocast ("tf32" products) these kernels compute f as one matrix product per channel, (positions
 # x taps) @ (taps x k), with their own tiles; otherwise, and in the other kernels, f is 9 broadcast multiply-adds.
