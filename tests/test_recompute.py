@@ -88,6 +88,14 @@ def test_the_rebuild_runs_under_the_forwards_autocast():
         assert torch.equal(kept, rebuilt)
 
 
+def test_a_double_backward_is_refused_clearly():
+    x = torch.randn(6, 5, requires_grad=True)
+    w = torch.randn(5, 3, requires_grad=True)
+    loss, _, _ = _toy_step(x, w, rebuild=True)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
 def test_nothing_is_hooked_without_grad():
     x = torch.randn(6, 5)
     with rebuilt_in_backward(x, lambda: pytest.fail("rebuilt without a backward")):

@@ -30,6 +30,10 @@ class _Rebuilt:
         self.cached: Tensor | None = None
 
     def get(self) -> Tensor:
+        if torch.is_grad_enabled():  # the backward runs with grad only under create_graph=True
+            raise RuntimeError("a tensor rebuilt in the backward (ops/recompute.py) has no graph of its own, so "
+                               "gradients of gradients (backward with create_graph=True) cannot pass through it; "
+                               "run the module under the reference implementation for that")
         if self.cached is None:
             enabled, dtype = self.autocast
             with torch.no_grad(), torch.autocast(self.device_type, dtype=dtype, enabled=enabled):
