@@ -190,15 +190,50 @@ def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name:
     return train_ms, train_issue_ms, infer_ms, peak
 
 
+PROFILED_STEPS = 2  # training steps per profile; its kernel table is per step
+KERNEL_ROWS = 60  # kernel names listed per profile
+
+
+def kernel_time_table(events, steps: int, rows: int = KERNEL_ROWS) -> str:
+    """GPU kernels of ``steps`` profiled training steps grouped by name, as a Markdown table per step: launches,
+    ms, share of all kernel time, largest first, with the total first. ``events``: torch.profiler's events."""
+    totals: dict[str, list[float]] = {}
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        launches_and_us = totals.setdefault(event.name, [0, 0.0])
+        launches_and_us[0] += 1
+        launches_and_us[1] += event.device_time_total
+    all_us = sum(us for _, us in totals.values())
+    lines = ["| kernel | launches per step | ms per step | share |", "|---|---|---|---|",
+             f"| all kernels | {sum(n for n, _ in totals.values()) / steps:.0f} | {all_us / steps / 1e3:.2f} | 100 % |"]
+    for name, (launches, us) in sorted(totals.items(), key=lambda item: -item[1][1])[:rows]:
+        short = name if len(name) <= 120 else name[:117] + "..."
+        lines.append(f"| `{short.replace('|', '/')}` | {launches / steps:.0f} | {us / steps / 1e3:.3f} | "
+                     f"{100 * us / all_us:.1f} % |")
+    return "\n".join(lines)
+
+
 def profile_training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str,
                           path: Path, title: str, fused_optimizer: bool) -> None:
+    """Append torch.profiler's top operators of PROFILED_STEPS training steps (after one unprofiled step) to ``path``
+    and, on CUDA, every kernel grouped by name per step (``kernel_time_table``)."""
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    model.train()
+    train_step = training_step(model, x, target, dtype_name, fused_optimizer)
+    train_step()  # the optimizer's state is created outside the profile
+    synchronize(x.device)
     with profile(activities=activities) as prof:
-        measure(model, x, target, dtype_name, warmup=0, iters=2, fused_optimizer=fused_optimizer)
-    sort_by = "self_cuda_time_total" if x.device.type == "cuda" else "self_cpu_time_total"
+        for _ in range(PROFILED_STEPS):
+            train_step()
+        synchronize(x.device)
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     with open(path, "a") as f:
         f.write(f"\n## {title}\n{prof.key_averages().table(sort_by=sort_by, row_limit=30)}\n")
+        if cuda:
+            f.write(f"\nKernels per training step:\n\n{kernel_time_table(prof.events(), PROFILED_STEPS)}\n")
 
 
 def scan_backends(device: torch.device) -> list[str]:
@@ -491,7 +526,8 @@ def parse_args(argv=None):
     parser.add_argument("--cold-start-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--profile", type=Path, default=None,
-                        help="also write torch.profiler's top CUDA kernels of a training step per model here")
+                        help="also write torch.profiler's top operators of two training steps per model here and, on "
+                             "CUDA, every kernel grouped by name (launches and ms per step)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.shapes = args.shapes or ["1x3x64"]

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,6 +97,36 @@ def test_released_row_needs_the_released_code(network_bench, capsys):
     with pytest.raises(SystemExit):
         network_bench.parse_args(["--smoke", "--models", "reference", "released"])
     assert "--models released needs --released-code DIR" in capsys.readouterr().err
+
+
+def test_kernel_table_groups_gpu_kernels_by_name_per_step(network_bench):
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, us, device=cuda):
+        return SimpleNamespace(name=name, device_time_total=us, device_type=device)
+
+    events = [event("scan_bwd", 3000.0), event("copy", 100.0), event("scan_bwd", 5000.0), event("copy", 300.0),
+              event("aten::mm", 9e9, cpu), event("a|b" + "x" * 200, 600.0)]
+    lines = network_bench.kernel_time_table(events, steps=2).splitlines()
+    # the CPU op is left out; the total first, then the largest kernel first, per step
+    assert lines[2] == "| all kernels | 2 | 4.50 | 100 % |"
+    assert lines[3] == "| `scan_bwd` | 1 | 4.000 | 88.9 % |"
+    assert lines[4].startswith("| `a/b" + "x" * 114 + "...` | 0 | 0.300 | 6.7 % |")
+    assert lines[5] == "| `copy` | 1 | 0.200 | 4.4 % |"
+    assert len(network_bench.kernel_time_table(events, steps=2, rows=1).splitlines()) == 4
+
+
+def test_profile_on_cpu_appends_the_operator_table_of_training_steps(network_bench, tmp_path):
+    torch.manual_seed(0)
+    model = network_bench.nnunet_plain_unet(3, 2, 64)
+    x, target = torch.randn(1, 3, 64, 64), torch.randint(0, 2, (1, 64, 64))
+    out = tmp_path / "profile.txt"
+    out.write_text("earlier\n")
+    network_bench.profile_training_step(model, x, target, "fp32", out, "a row", fused_optimizer=False)
+    text = out.read_text()
+    assert text.startswith("earlier\n\n## a row\n")
+    assert "Self CPU" in text and "aten::convolution_backward" in text
+    assert "Kernels per training step" not in text  # no GPU kernels on the CPU
 
 
 def test_cpu_rows_are_the_reference_the_torch_scan_and_nnunet_plus_the_released_code_when_given(network_bench,
