@@ -79,8 +79,9 @@ class SS2D(nn.Module):
             return self.out_proj(self.out_norm(y) * F.silu(z))
         # the channel-last permute is channels_last memory, on which cuDNN's depthwise conv is faster
         y = self._forward_core_fast(self.conv2d(x.permute(0, 3, 1, 2)))
-        # one kernel on CUDA that keeps only y and z for the backward; rounded once for the projection
-        out_dtype = matmul_dtype(y)
+        # one kernel on CUDA that keeps only y and z for the backward; rounded once for the projection. y in rows
+        # (the fused cross-merge writes it so) as the gate keeps it: the rebuild below then keeps no other copy
+        y, out_dtype = y.contiguous(), matmul_dtype(y)
 
         def gated() -> torch.Tensor:
             return layer_norm_gate(y, z, self.out_norm, out_dtype, self.kernels.layernorm)
@@ -140,7 +141,8 @@ class SS2D(nn.Module):
             a, ds, dt_bias = self.scan_parameters()
             # delta = dt_weight @ dts per direction, inside the scan: its backward recomputes delta (2C rows per
             # direction) from dts (C / 16 rows) instead of keeping it
-            # B and C as views of x_dbl, which the backward keeps for dts anyway
+            # B and C as views of x_dbl, which the backward keeps for dts anyway (mamba-ssm's kernel reads strided
+            # B and C; the other backends copy them themselves)
             ys = selective_scan_lowrank_delta(
                 xs.view(b, k * d, length), dts, dt_weight, a, bs, cs, ds,
                 delta_bias=dt_bias, delta_softplus=True, backend=self.kernels.scan,
