@@ -13,6 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 NETWORK_BENCHMARK = REPO / "benchmarks" / "benchmark_network.py"
 SCAN_BENCHMARK = REPO / "benchmarks" / "benchmark_scan.py"
+RFACONV_BENCHMARK = REPO / "benchmarks" / "benchmark_rfaconv.py"
 # a test that runs a benchmark script end to end in its own Python process
 slow = pytest.mark.slow
 
@@ -250,3 +251,33 @@ def test_cold_start_reports_a_failed_child_and_goes_on(network_bench, monkeypatc
     stdout = run_cold_start(network_bench, monkeypatch, capsys, [
         "--cold-start-steps", "1", "--classes", "0", "--models", "nnunet_plain"])
     assert "| nnunet_plain | empty |" in stdout and "failed:" in stdout
+
+
+@slow
+def test_rfaconv_benchmark_smoke_mode_times_every_kernel_with_its_own_tile_first(tmp_path):
+    out = tmp_path / "rfaconv.json"
+    result = subprocess.run([sys.executable, str(RFACONV_BENCHMARK), "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    kernels = ["stats", "weighted", "backward_reduce", "backward_features", "backward_input"]
+    assert [r["kernel"] for r in rows] == [k for k in kernels for _ in range(2)]
+    assert [r["own_tile"] for r in rows] == [True, False] * len(kernels)
+    # every tile ran and computed what the kernel's own tile computes
+    assert all(r["note"] == "" and r["sum_ms"] > 0 and r["max_diff"] < 1e-5 for r in rows)
+    assert "| backward_features | 16 x 16, 4 warps, 16/program (own) |" in result.stdout
+
+
+def test_rfaconv_benchmark_tiles(benchmark_script):
+    bench = benchmark_script("benchmark_rfaconv")
+    kernels = SimpleNamespace(CONFIGS={"weighted": (8, 16, 1, 1), "stats": (16, 16, 4, 1)},
+                              DOT_CONFIGS={"stats": (32, 32, 8, 1)})
+    tiles = [(8, 16, 1), (16, 32, 2)]
+    # the own tile first (the one used under autocast), then each tile once; no dot kernel on fewer than 16 positions
+    assert bench.candidate_tiles(kernels, "weighted", tiles) == [(8, 16, 1, 1), (16, 32, 2, 1)]
+    assert bench.candidate_tiles(kernels, "stats", tiles) == [(32, 32, 8, 1), (16, 32, 2, 1), (16, 32, 2, 4)]
+    with bench.launch_tile(kernels, "stats", (16, 16, 1, 4)):
+        assert kernels.CONFIGS["stats"] == kernels.DOT_CONFIGS["stats"] == (16, 16, 1, 4)
+    assert kernels.CONFIGS["stats"] == (16, 16, 4, 1) and kernels.DOT_CONFIGS["stats"] == (32, 32, 8, 1)
+    with pytest.raises(Exception, match="POSITIONSxCHANNELSxWARPS"):
+        bench.parse_tile("8x16")
