@@ -110,6 +110,16 @@ def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
     return _median_wall_and_issue_ms(fn, device, warmup, iters)[0]
 
 
+def kernel_benchmark_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, what: str) -> None:
+    """For the kernel benchmarks (benchmark_scan.py, benchmark_rfaconv.py): without a GPU only ``--smoke`` runs (tiny
+    shapes in Triton's CPU interpreter, one call each); else a parser error naming ``what`` is timed."""
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error(f"no CUDA GPU: {what} timed on the GPU; --smoke runs tiny shapes on the CPU in Triton's "
+                     f"interpreter")
+    if args.smoke:
+        args.batch, args.warmup, args.iters = 1, 0, 1
+
+
 def _graph_pool_idle_bytes(device: torch.device) -> int:
     """Memory that CUDA-graph pools hold without a live tensor in it: reserved for the graphs' replays (their
     intermediate tensors) and unavailable to anything else, but not counted by max_memory_allocated."""

@@ -32,7 +32,7 @@ if "--smoke" in sys.argv[1:]:
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
 # the script's own folder is on sys.path: its sibling's timing helper
-from benchmark_network import median_ms  # noqa: E402
+from benchmark_network import kernel_benchmark_mode, median_ms  # noqa: E402
 
 STAGE_SHAPES = [(64, 96), (32, 192), (16, 384), (8, 768)]  # (side, channels) of RFAConv's input at 256 x 256
 SMOKE_SHAPES = [(4, 16)]
@@ -197,11 +197,8 @@ def parse_args(argv=None):
                         help="a tiny shape and two tiles per kernel on the CPU in Triton's interpreter (the tests)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("no CUDA GPU: the kernels are timed on the GPU; --smoke runs tiny shapes on the CPU in Triton's "
-                     "interpreter")
+    kernel_benchmark_mode(parser, args, "RFAConv's kernels are")
     if args.smoke:
-        args.batch, args.warmup, args.iters = 1, 0, 1
         args.tiles = args.tiles or [parse_tile("16x16x1")]
     args.tiles = args.tiles or [parse_tile(t) for t in DEFAULT_TILES]
     return args

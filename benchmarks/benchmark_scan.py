@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 # the script's own folder is on sys.path: its sibling's timing helper
-from benchmark_network import median_ms
+from benchmark_network import kernel_benchmark_mode, median_ms
 
 # (channels, L, scans per training step) of SS2D at each stage of SA-UMamba at 256 x 256 (dims 96..768, d_inner =
 # 2 x dim, 4 directions); a stage's count is its encoder and decoder blocks (3 at stage 1: 2 + 1)
@@ -198,11 +198,7 @@ def parse_args(argv=None):
                         help="tiny shapes on the CPU in Triton's interpreter, one call each (used by the tests)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("no CUDA GPU: the scan kernels are timed on the GPU; --smoke runs tiny shapes on the CPU in "
-                     "Triton's interpreter")
-    if args.smoke:
-        args.batch, args.warmup, args.iters = 1, 0, 1
+    kernel_benchmark_mode(parser, args, "the scan kernels are")
     return args
 
 

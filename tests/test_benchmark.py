@@ -13,7 +13,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 NETWORK_BENCHMARK = REPO / "benchmarks" / "benchmark_network.py"
 SCAN_BENCHMARK = REPO / "benchmarks" / "benchmark_scan.py"
-RFACONV_BENCHMARK = REPO / "benchmarks" / "benchmark_rfaconv.py"
 # a test that runs a benchmark script end to end in its own Python process
 slow = pytest.mark.slow
 
@@ -181,19 +180,23 @@ def test_block_benchmark_smoke_mode_covers_every_module(tmp_path):
     assert "| fast | RFAConv |" in result.stdout
 
 
+def run_smoke(script: Path, out: Path) -> tuple[list[dict], str]:
+    """(the JSON rows, stdout) of ``script --smoke`` in its own process, which must succeed."""
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--json", str(out)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())["rows"], result.stdout
+
+
 @slow
 def test_scan_benchmark_smoke_mode_times_the_triton_scan_at_every_stage(tmp_path):
-    out = tmp_path / "scan.json"
-    result = subprocess.run([sys.executable, str(SCAN_BENCHMARK), "--smoke", "--json", str(out)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
+    rows, stdout = run_smoke(SCAN_BENCHMARK, tmp_path / "scan.json")
     # no mamba-ssm kernel on the CPU: the Triton scan alone, its own reference
     assert [(r["stage"], r["implementation"]) for r in rows] == [(1, "triton"), (2, "triton")]
     assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > r["forward_ms"] for r in rows)
     assert all(r["max_err"] == 0.0 and r["per_step_ms"] == r["count"] * r["forward_backward_ms"] for r in rows)
-    assert "| 1 | 1x8x12 | triton |" in result.stdout
-    assert "cuda: no rows" in result.stdout and "cuda+sequential: no rows" in result.stdout
+    assert "| 1 | 1x8x12 | triton |" in stdout
+    assert "cuda: no rows" in stdout and "cuda+sequential: no rows" in stdout
 
 
 @pytest.fixture
@@ -254,18 +257,19 @@ def test_cold_start_reports_a_failed_child_and_goes_on(network_bench, monkeypatc
 
 
 @slow
-def test_rfaconv_benchmark_smoke_mode_times_every_kernel_with_its_own_tile_first(tmp_path):
+def test_rfaconv_benchmark_smoke_mode_times_every_kernel_with_its_own_tile_first(benchmark_script, tmp_path, capsys):
+    # in this process: Triton's interpreter is on here (conftest.py) off CUDA, as --smoke needs
+    if torch.cuda.is_available():
+        pytest.skip("--smoke runs Triton's interpreter, which must be on before Triton is imported")
     out = tmp_path / "rfaconv.json"
-    result = subprocess.run([sys.executable, str(RFACONV_BENCHMARK), "--smoke", "--json", str(out)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
+    assert benchmark_script("benchmark_rfaconv").main(["--smoke", "--json", str(out)]) == 0
+    rows, stdout = json.loads(out.read_text())["rows"], capsys.readouterr().out
     kernels = ["stats", "weighted", "backward_reduce", "backward_features", "backward_input"]
     assert [r["kernel"] for r in rows] == [k for k in kernels for _ in range(2)]
     assert [r["own_tile"] for r in rows] == [True, False] * len(kernels)
     # every tile ran and computed what the kernel's own tile computes
     assert all(r["note"] == "" and r["sum_ms"] > 0 and r["max_diff"] < 1e-5 for r in rows)
-    assert "| backward_features | 16 x 16, 4 warps, 16/program (own) |" in result.stdout
+    assert "| backward_features | 16 x 16, 4 warps, 16/program (own) |" in stdout
 
 
 def test_rfaconv_benchmark_tiles(benchmark_script):
