@@ -111,8 +111,8 @@ def launch_tile(kernels, name: str, tile: tuple[int, int, int, int]):
 
 
 def own_tile(kernels, name: str) -> tuple[int, int, int, int]:
-    """The tile the kernel launches with under 16-bit autocast."""
-    return kernels.DOT_CONFIGS.get(name, kernels.CONFIGS[name])
+    """The tile the kernel launches with under 16-bit autocast (TF32 products, as ``call`` runs it)."""
+    return kernels.launch_tile(name, "tf32")
 
 
 def candidate_tiles(kernels, name: str, tiles: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:

@@ -272,10 +272,11 @@ def test_rfaconv_benchmark_smoke_mode_times_every_kernel_with_its_own_tile_first
     assert "| backward_features | 16 x 16, 4 warps, 16/program (own) |" in stdout
 
 
-def test_rfaconv_benchmark_tiles(benchmark_script):
+def test_rfaconv_benchmark_tiles(benchmark_script, monkeypatch):
+    from nnunetv2_sa_umamba.ops.rfaconv import kernels
     bench = benchmark_script("benchmark_rfaconv")
-    kernels = SimpleNamespace(CONFIGS={"weighted": (8, 16, 1, 1), "stats": (16, 16, 4, 1)},
-                              DOT_CONFIGS={"stats": (32, 32, 8, 1)})
+    monkeypatch.setattr(kernels, "CONFIGS", {"weighted": (8, 16, 1, 1), "stats": (16, 16, 4, 1)})
+    monkeypatch.setattr(kernels, "DOT_CONFIGS", {"stats": (32, 32, 8, 1)})
     tiles = [(8, 16, 1), (16, 32, 2)]
     # the own tile first (the one used under autocast), then each tile once; no dot kernel on fewer than 16 positions
     assert bench.candidate_tiles(kernels, "weighted", tiles) == [(8, 16, 1, 1), (16, 32, 2, 1)]

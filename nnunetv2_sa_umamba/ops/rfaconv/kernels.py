@@ -259,10 +259,20 @@ def products_precision(compute_dtype: torch.dtype) -> str:
     return "tf32" if compute_dtype in (torch.float16, torch.bfloat16) else "ieee"
 
 
+def _by_dot(name: str, precision: str | None) -> bool:
+    """Whether kernel ``name`` computes f as matrix products (and launches with its DOT_CONFIGS tile)."""
+    return precision == "tf32" and name in DOT_CONFIGS
+
+
+def launch_tile(name: str, precision: str | None) -> tuple[int, int, int, int]:
+    """(positions per tile, channels per tile, warps, tiles per program) that kernel ``name`` launches with."""
+    return DOT_CONFIGS[name] if _by_dot(name, precision) else CONFIGS[name]
+
+
 def _launch(name: str, kernel, num_positions: int, channels: int, *args, precision: str | None = None) -> None:
     """Launch ``kernel`` with ``name``'s tiles; ``precision`` for kernels that compute f."""
-    by_dot = precision == "tf32" and name in DOT_CONFIGS
-    block_p, block_c, num_warps, tiles = DOT_CONFIGS[name] if by_dot else CONFIGS[name]
+    by_dot = _by_dot(name, precision)
+    block_p, block_c, num_warps, tiles = launch_tile(name, precision)
     meta = {} if precision is None else {"PRECISION": precision, "F_BY_DOT": by_dot}
     grid = (triton.cdiv(num_positions, block_p * tiles), triton.cdiv(channels, block_c))
     kernel[grid](*args, TILES=tiles, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=BLOCK_K, num_warps=num_warps, **meta)
