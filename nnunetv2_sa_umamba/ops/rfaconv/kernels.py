@@ -25,22 +25,23 @@ from nnunetv2_sa_umamba.ops.common import RFACONV_POSITIONS as POSITIONS
 BLOCK_K = 16  # the 9 positions, padded to a power of two
 # (positions per tile, channels per tile, warps, tiles per program) per kernel; programs that reduce over
 # positions loop over several tiles so that fewer partial sums meet in atomic adds
-# Chosen for the stage-1 and stage-3 shapes of a 28 x 256 x 256 batch together on an H100; "weighted" and
-# "backward_input" from a sweep at all four stage shapes on an H200, where 8 x 16 in one warp was the fastest of 12
-# tiles at every stage (0.41 against 0.72 ms and 0.89 against 1.18 ms at stage 1, docs/BENCHMARKS.md).
+# Chosen for the stage-1 and stage-3 shapes of a 28 x 256 x 256 batch together on an H100, then retuned from sweeps at
+# all four stage shapes on an H200 (docs/BENCHMARKS.md): "weighted" and "backward_input" read and write (P, 9, C)
+# rows, whose channel runs are contiguous, so few positions by 64 channels in one warp won (0.71 against 0.91 ms and
+# 0.86 against 1.85 ms over the four stages).
 CONFIGS = {
     "stats": (16, 16, 4, 1),
-    "weighted": (8, 16, 1, 1),
+    "weighted": (2, 64, 1, 1),
     "backward_reduce": (16, 16, 4, 1),
     "backward_features": (16, 16, 4, 16),
-    "backward_input": (8, 16, 1, 1),
+    "backward_input": (2, 64, 1, 1),
 }
 # Under 16-bit autocast ("tf32" products) these kernels compute f as one matrix product per channel, (positions
 # x taps) @ (taps x k), with their own tiles; otherwise, and in the other kernels, f is 9 broadcast multiply-adds.
 # The products won where they replace the statistics' and the reduction pass's multiply-adds (docs/BENCHMARKS.md).
 # The passes then see f rounded differently (TF32 products vs float32 multiply-adds), far below autocast's own
-# 16-bit rounding of it.
-DOT_CONFIGS = {"stats": (32, 32, 8, 1), "backward_reduce": (16, 16, 2, 1)}
+# 16-bit rounding of it. A product needs at least 16 positions; 8 channels per tile won on the H200.
+DOT_CONFIGS = {"stats": (64, 8, 4, 1), "backward_reduce": (16, 8, 1, 1)}
 # Positions and image sides only mask tiles and locate neighbours: not specialised, so one compiled variant serves
 # every batch and image size (and every stage whose C Triton finds divisible by 16, which aligns the channel loads).
 IMAGE_SIZES = ["P", "H", "W"]
