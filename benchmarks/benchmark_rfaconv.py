@@ -10,7 +10,7 @@ to their largest value: reductions add in another order, nothing else should dif
 (shared memory) are reported and skipped.
 
     python benchmarks/benchmark_rfaconv.py                                # CUDA, batch 28, every kernel
-    python benchmarks/benchmark_rfaconv.py --kernels weighted --tiles 8x16x1 4x16x1 8x8x1
+    python benchmarks/benchmark_rfaconv.py --kernels weighted --tiles 2x64x1 4x32x1 8x16x1
     python benchmarks/benchmark_rfaconv.py --smoke                        # a tiny shape, Triton's interpreter, CPU
 """
 from __future__ import annotations
@@ -37,10 +37,11 @@ from benchmark_network import kernel_benchmark_mode, median_ms  # noqa: E402
 STAGE_SHAPES = [(64, 96), (32, 192), (16, 384), (8, 768)]  # (side, channels) of RFAConv's input at 256 x 256
 SMOKE_SHAPES = [(4, 16)]
 KERNELS = ("stats", "weighted", "backward_reduce", "backward_features", "backward_input")
-# positions x channels x warps tried by default (the sweep behind docs/BENCHMARKS.md's table), with tiles per
-# program 1 and 4 for the kernels that reduce over positions (16 too for the features backward)
-DEFAULT_TILES = ["8x32x2", "16x16x2", "16x16x4", "16x32x2", "16x32x4", "32x16x4", "32x32x4", "32x32x8", "16x64x4",
-                 "64x16x4", "8x16x1", "8x64x4"]
+# positions x channels x warps tried by default: the fastest tiles of the H200 sweeps of docs/BENCHMARKS.md and their
+# neighbours (few positions by wide channel runs for the streaming kernels, narrow channel tiles for the reducing
+# ones), with tiles per program 1 and 4 for the kernels that reduce over positions (4 and 16 for the features backward)
+DEFAULT_TILES = ["2x64x1", "1x128x1", "2x32x1", "4x32x1", "8x16x1", "16x8x1", "16x4x1", "16x16x2", "32x8x4", "64x8x4",
+                 "16x8x4", "16x16x4"]
 TILES_PER_PROGRAM = {"stats": (1, 4), "backward_reduce": (1, 4), "backward_features": (4, 16)}
 # kernels whose tile feeds tl.dot with its positions (a dot needs at least 16 rows)
 DOT_KERNELS = ("stats", "backward_reduce", "backward_features")
