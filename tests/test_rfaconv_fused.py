@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 
 from nnunetv2_sa_umamba.architectures.sa_umamba import SAUMamba  # noqa: E402
 from nnunetv2_sa_umamba.modules.rfaconv import RFAConv  # noqa: E402
+from nnunetv2_sa_umamba.ops.common import triton_interpreted  # noqa: E402
 from nnunetv2_sa_umamba.ops.policy import KernelPolicy  # noqa: E402
 from nnunetv2_sa_umamba.ops.rfaconv import interface as rfaconv_fused  # noqa: E402
 from nnunetv2_sa_umamba.ops.rfaconv import kernels as rfaconv_kernels  # noqa: E402
@@ -90,7 +91,7 @@ def test_network_with_fused_rfaconv_matches_unfused(monkeypatch):
     channels also take the kernels' masked channel tiles. (A 32 x 32 input, or one image, leaves BatchNorm too few
     positions at the last stage: the errors then exceed the bounds below.)"""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    if not torch.cuda.is_available():
+    if triton_interpreted():
         # The tests above run the kernels' own tiles; this one tests the network's wiring. The interpreter's time
         # grows with the number of programs: 8 positions per tile instead of the GPU's 2 took it from 55 to 20 s.
         for name in ("weighted", "backward_input"):
