@@ -17,10 +17,11 @@ Every row is measured in one run on one device with the same batch, so ratios ar
 A training step is forward + cross-entropy + backward + AdamW step (lr 1e-3, weight decay 1e-2, as the released code
 trains; fp16 with a GradScaler, as nnU-Net trains; the fast path's trainer uses fused AdamW on CUDA, the other rows
 torch's default AdamW, which on CUDA is the multi-tensor "foreach" one, as the released code trains);
-inference is a no-grad forward in eval mode. Deep supervision is off for every network. Peak memory is the
-largest allocated total during the timed training steps plus what CUDA-graph pools reserve beyond it. "Host
-issue" is the time until a training step's Python call returns, before waiting for the GPU: close to the step
-time, the host's kernel launches, not the GPU, set the pace.
+inference is a no-grad forward in eval mode. cuDNN's autotuning is on as nnU-Net sets it, except for the training of
+our fast rows, which run as our trainer trains (``autotunes_training``). Deep supervision is off for every network.
+Peak memory is the largest allocated total during the timed training steps plus what CUDA-graph pools reserve beyond
+it. "Host issue" is the time until a training step's Python call returns, before waiting for the GPU: close to the
+step time, the host's kernel launches, not the GPU, set the pace.
 
     python benchmarks/benchmark_network.py                       # CUDA, batch 28 x 3 x 256 x 256 and 1 x 512 x 512
     python benchmarks/benchmark_network.py --smoke --json out.json   # tiny CPU run (used by the tests)
@@ -43,9 +44,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -151,6 +153,25 @@ def uses_precompile(model_name: str, disabled: bool) -> bool:
     return model_name.startswith("fast") and not disabled
 
 
+def autotunes_training(model_name: str, disabled: bool) -> bool:
+    """Whether a row trains with cuDNN's autotuning: nnU-Net's U-Net, the released code and our reference as they
+    run (nnU-Net turns it on for a training), our fast path as our trainer trains it (off: it cost seconds at the
+    first step and gained nothing per step; nnUNetTrainerSAUMamba.cudnn_autotune). Inference rows always run
+    with it, as nnUNetv2_predict does; ``disabled`` (--no-cudnn-benchmark) turns it off everywhere."""
+    return not disabled and not model_name.startswith("fast")
+
+
+@contextmanager
+def cudnn_autotuning(enabled: bool) -> Iterator[None]:
+    """cuDNN's autotuning (``cudnn.benchmark``) on or off inside the block."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str,
                   fused_optimizer: bool = False):
     """A function running one training step: forward, cross-entropy, backward, AdamW step (``adamw``; with a
@@ -173,8 +194,10 @@ def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype
 
 
 def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name: str, warmup: int,
-            iters: int, fused_optimizer: bool = False) -> tuple[float, float, float, float | None]:
-    """(train step ms, its host issue ms, inference ms, peak training GiB or None off CUDA)."""
+            iters: int, fused_optimizer: bool = False, train_autotune: bool = True
+            ) -> tuple[float, float, float, float | None]:
+    """(train step ms, its host issue ms, inference ms, peak training GiB or None off CUDA); training with cuDNN's
+    autotuning only with ``train_autotune``, inference as the caller set it."""
     device = x.device
     autocast = _autocast(device, dtype_name)
     train_step = training_step(model, x, target, dtype_name, fused_optimizer)
@@ -184,14 +207,15 @@ def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype_name:
             model(x)
 
     model.train()
-    for _ in range(warmup):
-        train_step()
-    if device.type == "cuda":
-        # after warm-up, so that cuDNN's autotuning workspace is not counted
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    train_ms, train_issue_ms = _median_wall_and_issue_ms(train_step, device, 0, iters)
+    with cudnn_autotuning(train_autotune and torch.backends.cudnn.benchmark):
+        for _ in range(warmup):
+            train_step()
+        if device.type == "cuda":
+            # after warm-up, so that cuDNN's autotuning workspace is not counted
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        train_ms, train_issue_ms = _median_wall_and_issue_ms(train_step, device, 0, iters)
     peak = None
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) + _graph_pool_idle_bytes(device)) / 2 ** 30
@@ -335,11 +359,13 @@ def run(args) -> list[Row]:
                 params = sum(p.numel() for p in model.parameters()) / 1e6
                 row = Row(f"{batch}x{channels}x{size}x{size}", dtype_name, name, round(params, 2))
                 try:
+                    autotune = autotunes_training(name, args.no_cudnn_benchmark)
                     if uses_precompile(name, args.no_precompile):
-                        precompile_training_step(model, x, DTYPES[dtype_name])  # as the trainer: not timed either way
+                        with cudnn_autotuning(autotune):  # as the trainer: not timed either way
+                            precompile_training_step(model, x, DTYPES[dtype_name])
                     fused = uses_fused_optimizer(name)
                     row.train_ms, row.train_issue_ms, row.infer_ms, row.peak_train_gib = measure(
-                        model, x, target, dtype_name, args.warmup, args.iters, fused)
+                        model, x, target, dtype_name, args.warmup, args.iters, fused, autotune)
                     if args.profile:
                         profile_training_step(model, x, target, dtype_name, args.profile, str(row), fused)
                     if name.startswith("fast+graphs"):
@@ -398,7 +424,8 @@ def _cold_start_child(args) -> dict:
     synchronize(device)
     build_s = time.perf_counter() - started
     precompile_s = None
-    with record_compilations() as compiles:  # the pre-compile's (from its threads) and the steps'
+    autotune = autotunes_training(args.cold_start_child, args.no_cudnn_benchmark)
+    with record_compilations() as compiles, cudnn_autotuning(autotune):  # the pre-compile's (threads) and the steps'
         if uses_precompile(args.cold_start_child, args.no_precompile):
             # as the trainer does before its first step
             start = time.perf_counter()
@@ -413,9 +440,10 @@ def _cold_start_child(args) -> dict:
             step()
             synchronize(device)
             seconds.append(time.perf_counter() - start)
+        steady_ms = median_ms(step, device, 0, args.iters)
     compiled = CompileRecord(compiles.observable, compiles.compiled)  # the compiles, not the on-disk cache's loads
     return {"build_s": build_s, "precompile_s": precompile_s, "first_step_s": seconds[0],
-            "next_steps_s": sum(seconds[1:]), "steady_ms": median_ms(step, device, 0, args.iters),
+            "next_steps_s": sum(seconds[1:]), "steady_ms": steady_ms,
             "kernels_compiled": len(compiled.compilations) if compiled.observable else None,
             "compile_s": compiled.seconds if compiled.observable else None,
             "compiles_per_kernel": compiled.summary()["per_kernel"] if compiled.observable else None}
@@ -519,7 +547,9 @@ def parse_args(argv=None):
                              f"DIR/models/vmunet/vmunet.py (DIR: your checkout of {RELEASED_REPOSITORY}; it needs "
                              f"mamba-ssm's CUDA kernel, timm and einops), trained like the reference row")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
-                        help="leave cudnn.benchmark off (nnU-Net's training turns it on)")
+                        help="cuDNN's autotuning (cudnn.benchmark) off for every row; without it, the reference, "
+                             "released and nnunet_plain rows train with it as nnU-Net does, our fast rows without "
+                             "it as our trainer does, and inference runs with it as nnUNetv2_predict does")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run: narrow network, 1x3x64, fp32, 1 iter")
     parser.add_argument("--cold-start", action="store_true",
                         help="instead of the speed table: each model's start in a new process with empty kernel "

@@ -75,6 +75,32 @@ def test_rows_without_fused_adamw_get_torchs_default_implementation(network_benc
     assert not network_bench.uses_fused_optimizer("reference") and not network_bench.uses_fused_optimizer("released")
 
 
+class _AutotuneProbe(torch.nn.Module):
+    """Records cuDNN's autotuning flag at every forward, in training and in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+        self.seen = {True: set(), False: set()}
+
+    def forward(self, x):
+        self.seen[self.training].add(torch.backends.cudnn.benchmark)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("row, autotuned", [("reference", True), ("released", True), ("nnunet_plain", True),
+                                            ("fast+graphs", False), ("fast/torch", False)])
+def test_our_fast_rows_train_without_cudnn_autotuning_as_our_trainer(network_bench, monkeypatch, row, autotuned):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as main sets it
+    train_autotune = network_bench.autotunes_training(row, disabled=False)
+    assert train_autotune is autotuned and not network_bench.autotunes_training(row, disabled=True)
+    model = _AutotuneProbe()
+    x, target = torch.randn(2, 3, 8, 8), torch.randint(0, 2, (2, 8, 8))
+    network_bench.measure(model, x, target, "fp32", warmup=1, iters=1, train_autotune=train_autotune)
+    # inference autotunes as nnUNetv2_predict does; the flag is back afterwards
+    assert model.seen == {True: {autotuned}, False: {True}} and torch.backends.cudnn.benchmark
+
+
 def test_released_code_missing_is_a_clear_error(network_bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         network_bench.parse_args(["--smoke", "--released-code", str(tmp_path / "SA-UMamba")])

@@ -155,6 +155,25 @@ def test_imagenet_variant_needs_its_checkpoint_only_to_start_a_training(nnunet_f
     assert started == [5]
 
 
+@pytest.mark.parametrize("keep_autotuning", [False, True])
+def test_training_runs_without_cudnn_autotuning_unless_asked(nnunet_folders, monkeypatch, keep_autotuning):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    seen = []
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: seen.append(torch.backends.cudnn.benchmark))
+    monkeypatch.setattr(nnUNetTrainer, "on_train_end", lambda self: seen.append(torch.backends.cudnn.benchmark))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as nnUNetv2_train sets it before training
+    trainer = make_trainer(nnUNetTrainerSAUMamba)
+    trainer.cudnn_autotune = keep_autotuning
+    trainer.network = torch.nn.Linear(2, 2)
+    trainer.on_train_start()
+    during = torch.backends.cudnn.benchmark
+    trainer.on_train_end()
+    # changed before nnU-Net's start-up; nnU-Net's own setting back at the end, before the final validation
+    assert seen == [keep_autotuning, True] and during is keep_autotuning
+    assert torch.backends.cudnn.benchmark is True
+    assert ("autotuning is off while training" in Path(trainer.log_file).read_text()) is not keep_autotuning
+
+
 def test_bad_kernel_environment_fails_when_the_trainer_is_built(nnunet_folders, monkeypatch):
     monkeypatch.setenv("SAUMAMBA_FUSED_KERNELS", "fastest")
     with pytest.raises(ValueError, match="SAUMAMBA_FUSED_KERNELS='fastest' is not one of auto, triton, torch"):

@@ -10,7 +10,8 @@ that outlives it (see training/precompile.py for a network's training step).
 
 Workers: threads of this process, one per CPU. They overlap only partly (Triton's compiler passes, LLVM and ptxas
 run without the GIL, its Python front end and the dry step hold it), yet on a 16-CPU GPU machine they finished well
-before worker processes did, which each import torch first (docs/BENCHMARKS.md). A variant that fails to compile
+before worker processes did, which each import torch first, and as soon as processes forked from this one, which
+cost about a second to fork (docs/BENCHMARKS.md). A variant that fails to compile
 here is left to its first launch, which raises the error there.
 
 The GIL's switch interval is cut while the block is open: every torch operation of the dry step lets go of the GIL

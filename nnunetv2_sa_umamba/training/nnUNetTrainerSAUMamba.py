@@ -49,6 +49,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
     fused_optimizer: bool = True  # torch's fused AdamW on CUDA
     cuda_graphs: bool = True  # training steps and prediction replayed as CUDA graphs (single GPU, not compiled)
     precompile_kernels: bool = True  # the first step's Triton kernels compiled ahead, in parallel (precompile.py)
+    cudnn_autotune: bool = False  # keep nnU-Net's cuDNN autotuning while training (see on_train_start)
     scale_lr_to_batch: bool = True  # initial_lr * sqrt(batch / 32) (lr_schedule.py)
     warmup: bool = True  # linear warm-up over 5 % of the epochs (1-10)
     # nnU-Net's run-length attributes that a variant changes (num_epochs, num_iterations_per_epoch,
@@ -80,6 +81,7 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
         self.grad_clip_norm = 12.0  # nnU-Net's
         self.skipped_steps = SkippedStepCounter()
         self._kernels_precompiled = False
+        self._cudnn_benchmark: bool | None = None  # nnU-Net's cuDNN autotuning setting, while training changes it
         for name, value in self.run_length.items():
             if not hasattr(self, name):
                 raise AttributeError(f"{type(self).__name__}.run_length names {name!r}, which nnU-Net's trainer "
@@ -136,9 +138,22 @@ class nnUNetTrainerSAUMamba(nnUNetTrainer):
                 f"({self.kernels.scan}), fused kernels: {fused}; CUDA graphs "
                 f"{'on' if self._use_cuda_graphs() else 'off'}.")
 
+    def on_train_start(self) -> None:
+        # nnU-Net turns cuDNN's autotuning on for the whole run. Here it cost 4.5-5 s at the first training step and
+        # gained nothing per step (H200, docs/BENCHMARKS.md): training picks convolution algorithms by cuDNN's
+        # heuristics. The final validation and nnUNetv2_predict turn autotuning on again for themselves.
+        self._cudnn_benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = self._cudnn_benchmark and self.cudnn_autotune
+        if self._cudnn_benchmark and not self.cudnn_autotune:
+            self.print_to_log_file("cuDNN's autotuning is off while training (it only delayed the first step); "
+                                   "cudnn_autotune = True on a trainer subclass keeps it.")
+        super().on_train_start()
+
     def on_train_end(self) -> None:
         # free the training graphs' reserved memory before the final validation
         disable_training_graphs(self.network)
+        if self._cudnn_benchmark is not None:
+            torch.backends.cudnn.benchmark = self._cudnn_benchmark
         super().on_train_end()
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
