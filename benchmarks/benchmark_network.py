@@ -135,10 +135,15 @@ def _autocast(device: torch.device, dtype_name: str):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def trains_as_our_trainer(model_name: str) -> bool:
+    """Rows of our fast path train as nnUNetTrainerSAUMamba does; the others as the released code and nnU-Net."""
+    return model_name.startswith("fast")
+
+
 def uses_fused_optimizer(model_name: str) -> bool:
     """Each row trains with its trainer's optimizer: fused AdamW for the fast path (on CUDA), torch's default
     AdamW for the reference (the released code's) and nnU-Net's U-Net."""
-    return model_name.startswith("fast")
+    return trains_as_our_trainer(model_name)
 
 
 def adamw(model: nn.Module, fused: bool, device: torch.device) -> torch.optim.AdamW:
@@ -150,7 +155,7 @@ def adamw(model: nn.Module, fused: bool, device: torch.device) -> torch.optim.Ad
 def uses_precompile(model_name: str, disabled: bool) -> bool:
     """Rows on our fast path compile their Triton kernels ahead, in parallel, before the first step (as the
     trainer does); the others run no Triton kernel of ours."""
-    return model_name.startswith("fast") and not disabled
+    return trains_as_our_trainer(model_name) and not disabled
 
 
 def autotunes_training(model_name: str, disabled: bool) -> bool:
@@ -158,7 +163,7 @@ def autotunes_training(model_name: str, disabled: bool) -> bool:
     run (nnU-Net turns it on for a training), our fast path as our trainer trains it (off: it cost seconds at the
     first step and gained nothing per step; nnUNetTrainerSAUMamba.cudnn_autotune). Inference rows always run
     with it, as nnUNetv2_predict does; ``disabled`` (--no-cudnn-benchmark) turns it off everywhere."""
-    return not disabled and not model_name.startswith("fast")
+    return not disabled and not trains_as_our_trainer(model_name)
 
 
 @contextmanager
