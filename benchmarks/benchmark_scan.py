@@ -27,8 +27,13 @@ from typing import Callable
 
 import torch
 
+if "--smoke" in sys.argv[1:]:
+    # Triton chooses interpreted or compiled when it is imported (its own language functions too), and the timing
+    # helper below imports it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # the script's own folder is on sys.path: its sibling's timing helper
-from benchmark_network import kernel_benchmark_mode, median_ms
+from benchmark_network import kernel_benchmark_mode, median_ms  # noqa: E402
 
 # (channels, L, scans per training step) of SS2D at each stage of SA-UMamba at 256 x 256 (dims 96..768, d_inner =
 # 2 x dim, 4 directions); a stage's count is its encoder and decoder blocks (3 at stage 1: 2 + 1)
@@ -204,9 +209,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        # before the kernels' modules are imported: Triton decides interpreted or compiled when it decorates them
-        os.environ["TRITON_INTERPRET"] = "1"
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--smoke runs Triton's interpreter: pass --smoke on the command line, or set "
+                         "TRITON_INTERPRET=1 before Triton is imported")
     device = torch.device("cpu" if args.smoke else "cuda")
     from nnunetv2_sa_umamba.ops.scan import kernels
 

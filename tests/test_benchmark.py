@@ -2,6 +2,7 @@
 its row of the released code (a fake package stands in for the user's checkout of it)."""
 import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,9 +208,11 @@ def test_block_benchmark_smoke_mode_covers_every_module(tmp_path):
 
 
 def run_smoke(script: Path, out: Path) -> tuple[list[dict], str]:
-    """(the JSON rows, stdout) of ``script --smoke`` in its own process, which must succeed."""
+    """(the JSON rows, stdout) of ``script --smoke`` in its own process, which must succeed. The child starts without
+    this session's TRITON_INTERPRET, as from a shell: --smoke itself must turn Triton's interpreter on."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(script), "--smoke", "--json", str(out)], capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(out.read_text())["rows"], result.stdout
 
