@@ -315,3 +315,36 @@ def test_rfaconv_benchmark_tiles(benchmark_script, monkeypatch):
     assert kernels.CONFIGS["stats"] == (16, 16, 4, 1) and kernels.DOT_CONFIGS["stats"] == (32, 32, 8, 1)
     with pytest.raises(Exception, match="POSITIONSxCHANNELSxWARPS"):
         bench.parse_tile("8x16")
+
+
+PTXAS_REPORT = """ptxas info    : Compiling entry function '_backward_features_kernel' for 'sm_90a'
+ptxas info    : Function properties for _backward_features_kernel
+    288 bytes stack frame, 408 bytes spill stores, 492 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 288 bytes cumulative stack size"""
+
+
+def test_kernel_registers_reads_ptxas_and_refuses_bad_tiles_and_the_interpreter(benchmark_script, monkeypatch):
+    registers = benchmark_script("kernel_registers")
+    assert registers.parse_ptxas(PTXAS_REPORT) == dict(registers=255, spill_stores=408, spill_loads=492, stack=288)
+    with pytest.raises(ValueError, match="registers"):
+        registers.parse_ptxas("ptxas info    : Compiling entry function 'k' for 'sm_90a'")
+    assert registers.parse_tile("16x16x8x16") == (16, 16, 8, 16)
+    with pytest.raises(SystemExit):
+        registers.parse_args(["--tiles", "16x16x8"])  # warps without tiles per program
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit, match="TRITON_INTERPRET=0"):
+        registers.main(["--kernels", "backward_input"])
+
+
+@slow
+def test_kernel_registers_compiles_for_hopper_without_a_gpu():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_registers.py"), "--kernels",
+                             "backward_input", "--tiles", "4x32x1x1"], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| backward_input |")]
+    assert len(rows) == 2 and "(launch tile)" in rows[0] and "| 4x32x1x1 |" in rows[1]
+    for row in rows:
+        registers = int(row.split("|")[3])
+        assert 0 < registers <= 255
