@@ -7,8 +7,9 @@ Steps, each skipped when its output already exists, so that the same command res
 1. converts the dataset with our converter into WORK/nnUNet_raw (the paper's split; test cases in imagesTs);
 2. plans and preprocesses it with nnU-Net (2d);
 3. trains every trainer on the same fold, all at once (``--sequential``: one after another), for the given
-   epochs x iterations, with a checkpoint every ``--save-every`` epochs; ``--stop-after`` minutes ends the
-   trainings (the next call continues them with nnU-Net's ``--c``);
+   epochs x iterations, with a checkpoint every ``--save-every`` epochs; ``--stop-after`` ends the trainings that
+   many minutes after the command started, conversion and preprocessing included (the next call continues them
+   with nnU-Net's ``--c``);
 4. predicts the held-out test split with ``nnUNetv2_predict`` and evaluates it with ``saumamba_evaluate``'s
    protocol and nnU-Net's evaluator;
 5. writes WORK/accuracy.json and WORK/accuracy.md: trainer, epochs, seconds per epoch, test Dice/IoU, final and
@@ -163,10 +164,10 @@ def training_finished(folder: Path) -> bool:
     return (folder / "checkpoint_final.pth").is_file() and (folder / "validation" / "summary.json").is_file()
 
 
-def train(ws: Workspace, names: list[str], fold: int, sequential: bool, stop_after_s: float | None,
+def train(ws: Workspace, names: list[str], fold: int, sequential: bool, deadline: float | None,
           da_workers: int, device: str) -> bool:
-    """Runs (or continues) the trainings that have not finished; True when all have."""
-    deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
+    """Runs (or continues) the trainings that have not finished, stopping them at ``deadline`` (time.monotonic(),
+    None for none); True when all have finished."""
     pending = [name for name in names if not training_finished(ws.output_folder(name, fold))]
     for name in names:
         if name not in pending:
@@ -323,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", type=int, default=2, help="checkpoint every N epochs (for resuming)")
     parser.add_argument("--sequential", action="store_true", help="train one trainer after another")
     parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
-                        help="stop the trainings after this long; the same command continues them")
+                        help="stop the trainings this long after the command started (conversion and preprocessing "
+                             "count); the same command continues them")
     parser.add_argument("--da-workers", type=int, default=None,
                         help="nnUNet_n_proc_DA per training (default: CPU cores / trainings at once)")
     parser.add_argument("--prepare-only", action="store_true", help="convert, plan and preprocess; train nothing")
@@ -335,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # from the start, so that a call given M minutes of a machine ends its trainings in time
+    deadline = None if args.stop_after is None else time.monotonic() + 60 * args.stop_after
     spec = DATASETS[args.dataset]
     ws = Workspace(args.work.resolve(), spec)
     val_iterations = args.val_iterations or max(1, args.iterations // 5)
@@ -347,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     at_once = 1 if args.sequential else len(names)
     da_workers = args.da_workers or max(1, (os.cpu_count() or 2) // at_once - 1)
-    finished = train(ws, names, args.fold, args.sequential, None if args.stop_after is None else 60 * args.stop_after,
-                     da_workers, args.device)
+    finished = train(ws, names, args.fold, args.sequential, deadline, da_workers, args.device)
     rows = []
     for trainer, name in zip(args.trainers, names, strict=True):
         folder = ws.output_folder(name, args.fold)

@@ -1,6 +1,7 @@
 """benchmarks/benchmark_accuracy.py: the generated run-length trainers and the reading of nnU-Net's training logs
 (the end-to-end run needs a GPU and real data; its results are in docs/RESULTS.md)."""
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,38 @@ def test_markdown_row_shows_partial_runs_and_missing_test_metrics(bench):
            "skipped_loss_steps": 0, "skipped_gradient_steps": 1, "nan_loss_epochs": 0}
     line = bench.markdown_table([row]).splitlines()[2]
     assert line == "| nnUNetTrainerSAUMamba | 27 | 12/50 x 50 | 11.5 (57) | - | - | - | 0.9000 / 0.9100 | 0 / 1 | 0 |"
+
+
+def test_stop_after_counts_from_the_command_start_and_stops_a_running_training(bench, tmp_path, monkeypatch, capsys):
+    deadlines = []
+
+    class Stop(Exception):
+        pass
+
+    def record(ws, names, fold, sequential, deadline, da_workers, device):
+        deadlines.append(deadline)
+        raise Stop
+
+    real_train = bench.train
+    monkeypatch.setattr(bench, "convert", lambda ws, source, extra: None)
+    monkeypatch.setattr(bench, "plan_and_preprocess", lambda ws, processes: time.sleep(0.5))
+    monkeypatch.setattr(bench, "train", record)
+    started = time.monotonic()
+    with pytest.raises(Stop):
+        bench.main(["--dataset", "cvc", "--source", str(tmp_path), "--work", str(tmp_path / "work"),
+                    "--trainers", "nnUNetTrainer", "--stop-after", "2"])
+    # preprocessing's half second is inside the two minutes, not added to them
+    assert started + 120 <= deadlines[0] < started + 120.4
+
+    # a training still running at the deadline is stopped, and the call reports it unfinished
+    fake_train = tmp_path / "nnUNetv2_train"
+    fake_train.write_text("#!/bin/sh\nsleep 60\n")
+    fake_train.chmod(0o755)
+    monkeypatch.setattr(bench, "nnunet_command", lambda name: str(fake_train))
+    ws = bench.Workspace(tmp_path / "work", bench.DATASETS["cvc"])
+    ws.logs.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(bench.time, "sleep", lambda seconds: None)  # the polling interval
+    begun = time.monotonic()
+    assert real_train(ws, ["nnUNetTrainer__1x1"], 0, False, time.monotonic() - 1, 1, "cpu") is False
+    assert "stopping at the time limit" in capsys.readouterr().out
+    assert time.monotonic() - begun < 30
