@@ -114,10 +114,14 @@ def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
 
 def kernel_benchmark_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, what: str) -> None:
     """For the kernel benchmarks (benchmark_scan.py, benchmark_rfaconv.py): without a GPU only ``--smoke`` runs (tiny
-    shapes in Triton's CPU interpreter, one call each); else a parser error naming ``what`` is timed."""
+    shapes in Triton's CPU interpreter, one call each); else a parser error naming ``what`` is timed. ``--smoke``
+    needs the interpreter on before Triton was imported: the scripts set it when --smoke is on their command line."""
     if not args.smoke and not torch.cuda.is_available():
         parser.error(f"no CUDA GPU: {what} timed on the GPU; --smoke runs tiny shapes on the CPU in Triton's "
                      f"interpreter")
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--smoke runs Triton's interpreter: pass --smoke on the command line, or set "
+                     "TRITON_INTERPRET=1 before Triton is imported")
     if args.smoke:
         args.batch, args.warmup, args.iters = 1, 0, 1
 
