@@ -23,26 +23,29 @@ def clean_env(monkeypatch):
 
 
 def test_defaults_without_environment(clean_env):
-    assert kernel_policy() == KernelPolicy() == KernelPolicy("fast", "auto", "auto", "auto", "auto", "auto")
+    assert kernel_policy() == KernelPolicy() == KernelPolicy("fast", "auto", "auto", "auto", "auto", "auto", "auto")
 
 
 def test_arguments_win_over_environment_over_defaults(clean_env):
     clean_env.setenv(SCAN_ENV_VAR, " Torch ")
     clean_env.setenv(FUSED_ENV_VAR, "triton")
     from_env = kernel_policy()
-    assert (from_env.scan, from_env.rfaconv, from_env.layernorm, from_env.cross_scan, from_env.scan_forward) == \
-        ("torch",) + ("triton",) * 4
+    assert (from_env.scan, from_env.rfaconv, from_env.layernorm, from_env.cross_scan, from_env.scan_forward,
+            from_env.scan_backward) == ("torch",) + ("triton",) * 5
     assert from_env.implementation == "fast"
     explicit = kernel_policy("reference", scan="cuda", fused="torch")
-    assert explicit == KernelPolicy("reference", "cuda", "torch", "torch", "torch", "torch")
+    assert explicit == KernelPolicy("reference", "cuda", "torch", "torch", "torch", "torch", "torch")
     # a per-operator argument overrides the fused choice (given or from the environment) for that operator only
     assert kernel_policy(layernorm="torch") == KernelPolicy(scan="torch", rfaconv="triton", layernorm="torch",
-                                                            cross_scan="triton", scan_forward="triton")
+                                                            cross_scan="triton", scan_forward="triton",
+                                                            scan_backward="triton")
     assert kernel_policy(scan_forward="torch").scan_forward == "torch"
+    assert kernel_policy(scan_backward="torch") == replace(kernel_policy(), scan_backward="torch")
     assert kernel_policy(fused="auto", cross_scan="triton").cross_scan == "triton"
     # an explicit mapping instead of os.environ
     assert kernel_policy(environ={FUSED_ENV_VAR: "torch"}) == KernelPolicy(rfaconv="torch", layernorm="torch",
-                                                                           cross_scan="torch", scan_forward="torch")
+                                                                           cross_scan="torch", scan_forward="torch",
+                                                                           scan_backward="torch")
 
 
 @pytest.mark.parametrize("name, value, allowed", [
@@ -66,7 +69,7 @@ def test_bad_environment_value_fails_when_the_network_is_built(clean_env, name, 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(implementation="turbo"), "implementation"), (dict(scan="mamba"), "scan"),
     (dict(rfaconv="cuda"), "rfaconv"), (dict(layernorm="fast"), "layernorm"), (dict(cross_scan=""), "cross_scan"),
-    (dict(scan_forward="cuda"), "scan_forward"),
+    (dict(scan_forward="cuda"), "scan_forward"), (dict(scan_backward="mamba"), "scan_backward"),
 ])
 def test_bad_argument_names_the_field_and_its_choices(kwargs, field):
     with pytest.raises(ValueError, match=f"kernel policy: {field} must be one of"):

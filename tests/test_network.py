@@ -1,4 +1,6 @@
 """SA-UMamba network: shapes, parameter counts, ablation switches, fast vs reference implementation."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -170,17 +172,23 @@ def _run_on_cuda(model: torch.nn.Module, x: torch.Tensor, autocast_dtype) -> tup
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_full_network_forward_backward_on_cuda(autocast_dtype, monkeypatch):
+@pytest.mark.parametrize("autocast_dtype,scan_backward", [(None, "auto"), (torch.bfloat16, "auto"),
+                                                         (torch.float16, "auto"), (None, "triton"),
+                                                         (torch.bfloat16, "triton")],
+                         ids=["fp32", "bf16", "fp16", "fp32-sequential-backward", "bf16-sequential-backward"])
+def test_full_network_forward_backward_on_cuda(autocast_dtype, scan_backward, monkeypatch):
     """Full-size network on the GPU. In float32 the fast path (mamba-ssm kernel) matches the reference path to
     float32 tolerance; under autocast (16-bit scan inputs in the fast path, float32 in the reference) both are
     compared with the float32 result, and the fast path may not be much further from it than the reference.
-    TF32 is off: the fast path's fused kernels compute in true float32, cuDNN's convolutions otherwise do not."""
+    TF32 is off: the fast path's fused kernels compute in true float32, cuDNN's convolutions otherwise do not.
+    scan_backward "triton" runs every scan's backward through the sequential Triton kernel (at this size "auto" runs
+    none: too few steps and channels)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     device = torch.device("cuda")
     reference = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, kernels=REFERENCE).to(device)
-    fast = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0, kernels=FAST).to(device)
+    fast = SAUMamba(3, 2, deep_supervision=True, drop_path_rate=0.0,
+                    kernels=replace(FAST, scan_backward=scan_backward)).to(device)
     fast.load_state_dict(reference.state_dict())
     reference.eval(), fast.eval()
     x = torch.randn(2, 3, 128, 160, device=device)

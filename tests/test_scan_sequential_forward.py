@@ -149,7 +149,7 @@ def test_ss2d_asks_for_the_forward_its_policy_names(monkeypatch):
 
     monkeypatch.setattr(interface, "use_sequential_forward", choose)
 
-    def op(u, *args, sequential_forward):
+    def op(u, *args, sequential_forward, sequential_backward):
         given.append(sequential_forward)
         return torch.zeros_like(u)
 

@@ -383,23 +383,27 @@ def test_opcheck_cuda_op(optional):
 @pytest.mark.cuda
 @needs_kernel
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("scan_forward", ["torch", "triton"], ids=["mamba-forward", "sequential-forward"])
-def test_cuda_lowrank_delta_matches_torch_backend(dtype, tol, scan_forward):
-    """The op that recomputes delta in its backward, with mamba-ssm's forward or the sequential Triton one: forward
-    and every gradient (delta_low and delta_weight included) against the torch backend on the projected delta."""
+@pytest.mark.parametrize("scan_forward,scan_backward", [("torch", "torch"), ("triton", "torch"), ("triton", "triton"),
+                                                        ("torch", "triton")],
+                         ids=["mamba-both", "sequential-forward", "sequential-both", "sequential-backward"])
+def test_cuda_lowrank_delta_matches_torch_backend(dtype, tol, scan_forward, scan_backward):
+    """The op that recomputes delta in its backward, with mamba-ssm's forward and backward or the sequential Triton
+    ones: forward and every gradient (delta_low and delta_weight included) against the torch backend on the projected
+    delta."""
     inputs = with_dtype(lowrank_inputs(2, 4, 24, 6, 300, dtype=torch.float32, device="cuda"), dtype,
                         ("u", "delta_low", "delta_weight", "B", "C"))
     weight = torch.randn(2, 96, 300, device="cuda")
     y, grads = run(selective_scan_lowrank_delta, inputs, weight, delta_softplus=True, backend="cuda",
-                   scan_forward=scan_forward)
+                   scan_forward=scan_forward, scan_backward=scan_backward)
     y_t, g_t = run(projected_then_scanned, inputs, weight, delta_softplus=True, backend="torch")
-    errors = report(f"cuda low-rank delta ({scan_forward} forward) vs torch {dtype}", y, y_t, grads, g_t)
+    errors = report(f"cuda low-rank delta ({scan_forward} forward, {scan_backward} backward) vs torch {dtype}", y,
+                    y_t, grads, g_t)
     assert y.dtype == dtype and grads["delta_weight"].dtype == dtype
     assert max(errors.values()) < tol
     args = [inputs[k].clone().requires_grad_() for k in ("u", "delta_low", "delta_weight", "A", "B", "C", "D",
                                                              "delta_bias")]
     torch.library.opcheck(torch.ops.saumamba.scan_cuda_lowrank_delta_fwd.default,
-                          (*args, True, scan_forward == "triton"))
+                          (*args, True, scan_forward == "triton", scan_backward == "triton"))
 
 
 @pytest.mark.cuda

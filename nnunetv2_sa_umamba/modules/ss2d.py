@@ -146,6 +146,6 @@ class SS2D(nn.Module):
             ys = selective_scan_lowrank_delta(
                 xs.view(b, k * d, length), dts, dt_weight, a, bs, cs, ds,
                 delta_bias=dt_bias, delta_softplus=True, backend=self.kernels.scan,
-                scan_forward=self.kernels.scan_forward,
+                scan_forward=self.kernels.scan_forward, scan_backward=self.kernels.scan_backward,
             ).view(b, k, d, length)
         return cross_merge(ys, h, w, fused)

@@ -16,7 +16,10 @@ Choices, resolved from explicit arguments, else the environment, else the defaul
   (``cuda`` scan backend only), "auto" (default: on CUDA tensors when Triton is installed, for the scans with enough
   channels and steps for it to be faster; ``use_sequential_forward`` in ops/scan/interface.py), "triton" (always)
   or "torch" (never: mamba-ssm's forward).
-- ``SAUMAMBA_FUSED_KERNELS`` sets the last four; a per-operator argument overrides it for that operator.
+- ``scan_backward``: the fast path's scan backward as our step-by-step Triton kernel instead of mamba-ssm's (``cuda``
+  scan backend only), "auto" (default: on CUDA tensors when Triton is installed, for short scans with enough
+  channels; ``use_sequential_backward`` in ops/scan/interface.py), "triton" (always) or "torch" (never).
+- ``SAUMAMBA_FUSED_KERNELS`` sets the last five; a per-operator argument overrides it for that operator.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ SCAN_ENV_CHOICES = ("auto", "cuda", "triton", "torch")
 SCAN_BACKENDS = SCAN_ENV_CHOICES + ("reference",)
 FUSED_ENV_VAR = "SAUMAMBA_FUSED_KERNELS"
 FUSED_CHOICES = ("auto", "triton", "torch")
-FUSED_OPERATORS = ("rfaconv", "layernorm", "cross_scan", "scan_forward")
+FUSED_OPERATORS = ("rfaconv", "layernorm", "cross_scan", "scan_forward", "scan_backward")
 _ALLOWED = {"implementation": IMPLEMENTATIONS, "scan": SCAN_BACKENDS,
             **{name: FUSED_CHOICES for name in FUSED_OPERATORS}}
 
@@ -46,6 +49,7 @@ class KernelPolicy:
     layernorm: str = "auto"
     cross_scan: str = "auto"
     scan_forward: str = "auto"
+    scan_backward: str = "auto"
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -76,12 +80,13 @@ def _from_env(name: str, choices: tuple[str, ...], environ: Mapping[str, str]) -
 
 def kernel_policy(implementation: str | None = None, scan: str | None = None, fused: str | None = None, *,
                   rfaconv: str | None = None, layernorm: str | None = None, cross_scan: str | None = None,
-                  scan_forward: str | None = None, environ: Mapping[str, str] | None = None) -> KernelPolicy:
+                  scan_forward: str | None = None, scan_backward: str | None = None,
+                  environ: Mapping[str, str] | None = None) -> KernelPolicy:
     """The policy for these arguments, with ``SAUMAMBA_SCAN_BACKEND`` and ``SAUMAMBA_FUSED_KERNELS`` filling in
     what is not given (``environ``: os.environ by default), and the defaults the rest.
 
-    ``fused`` sets every fused operator; ``rfaconv``, ``layernorm``, ``cross_scan`` and ``scan_forward`` override
-    it for one.
+    ``fused`` sets every fused operator; ``rfaconv``, ``layernorm``, ``cross_scan``, ``scan_forward`` and
+    ``scan_backward`` override it for one.
     Raises ValueError naming the argument or environment variable and its allowed values.
     """
     environ = os.environ if environ is None else environ
@@ -91,4 +96,4 @@ def kernel_policy(implementation: str | None = None, scan: str | None = None, fu
     fused = fused or _from_env(FUSED_ENV_VAR, FUSED_CHOICES, environ) or "auto"
     return KernelPolicy(implementation=implementation or "fast", scan=scan, rfaconv=rfaconv or fused,
                         layernorm=layernorm or fused, cross_scan=cross_scan or fused,
-                        scan_forward=scan_forward or fused)
+                        scan_forward=scan_forward or fused, scan_backward=scan_backward or fused)

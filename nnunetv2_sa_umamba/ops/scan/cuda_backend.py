@@ -42,6 +42,7 @@ def kernel_import_error() -> str:
 
 
 _sequential_forward = lazy_module("nnunetv2_sa_umamba.ops.scan.sequential_forward")
+_sequential_backward = lazy_module("nnunetv2_sa_umamba.ops.scan.sequential_backward")
 
 
 def _kernel() -> ModuleType:
@@ -97,6 +98,25 @@ def _(dout, u, delta, A, B, C, D, delta_bias, x, delta_softplus):
             A.new_empty(0) if delta_bias is None else torch.empty_like(delta_bias))
 
 
+@torch.library.custom_op("saumamba::scan_sequential_bwd", mutates_args=(), device_types="cuda")
+def _scan_sequential_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         D: Tensor | None, delta_bias: Tensor | None,
+                         delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """scan_cuda_bwd's gradients from ops/scan/sequential_backward.py's kernel, which needs no saved states. An op,
+    so that torch.compile and fake-tensor tracing see shapes instead of launching the Triton kernel."""
+    du, ddelta, dA, dB, dC, dD, ddelta_bias = _sequential_backward().backward(
+        dout, u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return du, ddelta, dA, dB, dC, optional_output(dD, A), optional_output(ddelta_bias, A)
+
+
+@_scan_sequential_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, delta_bias, delta_softplus):
+    # the kernel's outputs are contiguous whatever the inputs' strides
+    return (*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, delta, A, B, C)),
+            A.new_empty(0) if D is None else torch.empty_like(D),
+            A.new_empty(0) if delta_bias is None else torch.empty_like(delta_bias))
+
+
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, delta_bias, delta_softplus = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
@@ -124,9 +144,10 @@ def project_delta(delta_weight: Tensor, delta_low: Tensor) -> Tensor:
 @torch.library.custom_op("saumamba::scan_cuda_lowrank_delta_fwd", mutates_args=(), device_types="cuda")
 def _scan_lowrank_delta_fwd(u: Tensor, delta_low: Tensor, delta_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
                             D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
-                            sequential_forward: bool) -> tuple[Tensor, Tensor]:
+                            sequential_forward: bool, sequential_backward: bool) -> tuple[Tensor, Tensor]:
     """As scan_cuda_fwd with delta = project_delta(delta_weight, delta_low); with ``sequential_forward`` the
-    Triton kernel of ops/scan/sequential_forward.py computes (out, x) instead of mamba-ssm's forward."""
+    Triton kernel of ops/scan/sequential_forward.py computes (out, x) instead of mamba-ssm's forward; with
+    ``sequential_backward`` the backward is ops/scan/sequential_backward.py's, which reads no x."""
     delta = project_delta(delta_weight, delta_low)
     if sequential_forward:
         return _sequential_forward().forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
@@ -134,28 +155,34 @@ def _scan_lowrank_delta_fwd(u: Tensor, delta_low: Tensor, delta_weight: Tensor, 
 
 
 @_scan_lowrank_delta_fwd.register_fake
-def _(u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus, sequential_forward):
+def _(u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus, sequential_forward, sequential_backward):
     return (u.new_empty(u.shape, dtype=torch.promote_types(delta_weight.dtype, delta_low.dtype)),
             _fake_states(u, A))
 
 
 def _lowrank_setup_context(ctx, inputs, output):
-    u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus, _ = inputs
+    u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus, _, sequential_backward = inputs
     # the low-rank factor, not delta: R rows per group instead of dim_per_group
     ctx.save_for_backward(u, delta_low, delta_weight, A, B, C, D, delta_bias, output[1])
     ctx.delta_softplus = delta_softplus
+    ctx.sequential_backward = sequential_backward
 
 
 def _lowrank_backward(ctx, dout, _dx):
     u, delta_low, delta_weight, A, B, C, D, delta_bias, x = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, ddelta_bias = torch.ops.saumamba.scan_cuda_bwd(
-        dout, u, project_delta(delta_weight, delta_low), A, B, C, D, delta_bias, x, ctx.delta_softplus)
+    delta = project_delta(delta_weight, delta_low)
+    if ctx.sequential_backward:
+        du, ddelta, dA, dB, dC, dD, ddelta_bias = torch.ops.saumamba.scan_sequential_bwd(
+            dout, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus)
+    else:
+        du, ddelta, dA, dB, dC, dD, ddelta_bias = torch.ops.saumamba.scan_cuda_bwd(
+            dout, u, delta, A, B, C, D, delta_bias, x, ctx.delta_softplus)
     ddelta = ddelta.view(delta_low.shape[0], delta_weight.shape[0], delta_weight.shape[1], -1)
     # the matmul's gradients, as autograd forms them (the weight's summed over the batch)
     grad_low = torch.matmul(delta_weight.transpose(-1, -2), ddelta)
     grad_weight = torch.matmul(ddelta, delta_low.transpose(-1, -2)).sum(0)
     return (du, grad_low, grad_weight, dA, dB, dC, optional_grad(dD, D), optional_grad(ddelta_bias, delta_bias),
-            None, None)
+            None, None, None)
 
 
 _scan_lowrank_delta_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
@@ -186,16 +213,17 @@ def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
 
 def selective_scan_cuda_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Tensor, A: Tensor, B: Tensor,
                                       C: Tensor, D: Tensor | None = None, delta_bias: Tensor | None = None,
-                                      delta_softplus: bool = False, sequential_forward: bool = False) -> Tensor:
+                                      delta_softplus: bool = False, sequential_forward: bool = False,
+                                      sequential_backward: bool = False) -> Tensor:
     """``selective_scan_cuda`` with delta = project_delta(delta_weight, delta_low), computed here. The backward
     recomputes delta instead of keeping it: for SS2D it keeps R = ceil(C / 16) rows per direction instead of 2C,
     which lowers peak training memory (docs/BENCHMARKS.md). delta_weight and delta_low must have u's dtype.
-    ``sequential_forward``: the forward is our step-by-step Triton kernel (``use_sequential_forward``), the
-    backward still mamba-ssm's."""
+    ``sequential_forward``: the forward is our step-by-step Triton kernel (``use_sequential_forward``);
+    ``sequential_backward``: the backward is (``use_sequential_backward``); otherwise mamba-ssm's."""
     operands = _kernel_operands(u, A, B, C, D, delta_bias)
     if delta_low.dtype != u.dtype or delta_weight.dtype != u.dtype:
         raise TypeError(f"the cuda selective-scan kernel takes u, delta_low and delta_weight of one dtype, got "
                         f"{u.dtype}, {delta_low.dtype}, {delta_weight.dtype}")
     out, _ = torch.ops.saumamba.scan_cuda_lowrank_delta_fwd(u, delta_low, delta_weight, *operands, delta_softplus,
-                                                            sequential_forward)
+                                                            sequential_forward, sequential_backward)
     return out

@@ -9,7 +9,8 @@ Backends (same semantics, mamba-ssm's ``selective_scan_fn`` without ``z``):
 
 ``selective_scan_lowrank_delta`` with the ``cuda`` backend can run its forward as our step-by-step Triton kernel
 (ops/scan/sequential_forward.py) beside mamba-ssm's backward: ``use_sequential_forward`` decides, from the kernel
-policy's ``scan_forward``.
+policy's ``scan_forward``; and its backward as our step-by-step Triton backward (ops/scan/sequential_backward.py):
+``use_sequential_backward`` decides, from ``scan_backward``.
 
 Choice: the ``backend`` argument (SS2D passes its ``KernelPolicy``'s ``scan``, which ``SAUMAMBA_SCAN_BACKEND``
 sets), ``auto`` by default: for CUDA tensors mamba-ssm's kernel when it imports, else the Triton kernels when
@@ -48,6 +49,7 @@ _DESCRIPTIONS = {
 _logged: set[str] = set()
 _triton_backend = lazy_module("nnunetv2_sa_umamba.ops.scan.triton_backend")
 _sequential_forward = lazy_module("nnunetv2_sa_umamba.ops.scan.sequential_forward")
+_sequential_backward = lazy_module("nnunetv2_sa_umamba.ops.scan.sequential_backward")
 # "auto" runs the sequential forward where its programs (each one walk through the whole sequence) are at least
 # this many per SM: on an H200 it beat mamba-ssm's forward in every measured scan of SS2D's with that many (batch
 # 3-28, 64-4096 steps) and lost in every one with fewer (batch 1-12, 64-16384 steps; docs/BENCHMARKS.md)
@@ -55,6 +57,10 @@ SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM = 8
 # ... and only for sequences of at least this many steps: shorter scans (a 64 x 64 demo's deepest stages) would save
 # microseconds per step, and compiling the kernel adds about 3 s to a fresh machine's first iteration
 SEQUENTIAL_FORWARD_MIN_LENGTH = 64
+# "auto" runs the sequential backward for scans of SEQUENTIAL_FORWARD_MIN_LENGTH to this many steps, with as many
+# programs per SM as the forward needs: at batch 28 on an H200 it took half of mamba-ssm's backward's time at 64 steps
+# and 9 % more at 256 (docs/BENCHMARKS.md); 128 lies between, unmeasured
+SEQUENTIAL_BACKWARD_MAX_LENGTH = 128
 
 
 def available_backends() -> tuple[str, ...]:
@@ -195,14 +201,35 @@ def use_sequential_forward(u: Tensor, d_state: int, groups: int, choice: str) ->
     return programs >= SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device)
 
 
+def use_sequential_backward(u: Tensor, d_state: int, groups: int, choice: str) -> bool:
+    """Whether the ``cuda`` backend's scan of ``u`` (batch, dim, L) runs its backward as the sequential Triton
+    kernel instead of mamba-ssm's, for the kernel choice ("auto", "triton" or "torch", ``KernelPolicy.scan_backward``):
+    "auto" for SEQUENTIAL_FORWARD_MIN_LENGTH to SEQUENTIAL_BACKWARD_MAX_LENGTH steps with
+    SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM programs per SM, "triton" always."""
+    if not fused_kernels_run(choice, u, u.numel(), f"the sequential scan backward with kernels {choice!r}"):
+        return False
+    if not _sequential_forward().supports(d_state):
+        if choice == "triton":
+            raise ValueError(f"the sequential scan backward needs a power-of-two state size in [2, 64], got "
+                             f"{d_state}; choose scan_backward 'auto' or 'torch'.")
+        return False
+    if choice == "triton":
+        return True
+    if not SEQUENTIAL_FORWARD_MIN_LENGTH <= u.shape[-1] <= SEQUENTIAL_BACKWARD_MAX_LENGTH:
+        return False
+    programs = _sequential_backward().program_count(u.shape[0], u.shape[1], groups)
+    return programs >= SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device)
+
+
 def selective_scan_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Tensor, A: Tensor, B: Tensor,
                                  C: Tensor, D: Tensor | None = None, delta_bias: Tensor | None = None,
                                  delta_softplus: bool = False, backend: str = "auto",
-                                 scan_forward: str = "auto") -> Tensor:
+                                 scan_forward: str = "auto", scan_backward: str = "auto") -> Tensor:
     """``selective_scan`` with delta = delta_weight (groups, dim / groups, R) @ delta_low (batch, groups, R, L)
     per group (SS2D's dt projection). Same values; with the ``cuda`` backend the backward recomputes delta from
-    delta_low instead of keeping it, and the forward is the sequential Triton kernel where
-    ``use_sequential_forward(u, N, groups, scan_forward)``. u, delta_low and delta_weight share one dtype."""
+    delta_low instead of keeping it, the forward is the sequential Triton kernel where
+    ``use_sequential_forward(u, N, groups, scan_forward)`` and the backward where
+    ``use_sequential_backward(u, N, groups, scan_backward)``. u, delta_low and delta_weight share one dtype."""
     groups = delta_low.shape[1] if delta_low.dim() == 4 else -1
     if delta_low.dim() != 4 or delta_low.shape[0] != u.shape[0] or delta_low.shape[3] != u.shape[2] \
             or delta_weight.dim() != 3 or delta_weight.shape[0] != groups \
@@ -215,6 +242,7 @@ def selective_scan_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Ten
         _check_shapes(u, u, A, B, C, D, delta_bias)
         return cuda_backend.selective_scan_cuda_lowrank_delta(
             u, delta_low, delta_weight, A, B, C, D, delta_bias, delta_softplus,
-            sequential_forward=use_sequential_forward(u, A.shape[1], B.shape[1], scan_forward))
+            sequential_forward=use_sequential_forward(u, A.shape[1], B.shape[1], scan_forward),
+            sequential_backward=use_sequential_backward(u, A.shape[1], B.shape[1], scan_backward))
     return selective_scan(u, cuda_backend.project_delta(delta_weight, delta_low), A, B, C, D, delta_bias,
                           delta_softplus, backend=name)
