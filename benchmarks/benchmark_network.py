@@ -12,6 +12,8 @@ Every row is measured in one run on one device with the same batch, so ratios ar
                  default scan, training steps and inference replayed as graphs
   fast+graphs/mamba-fwd  the same with mamba-ssm's scan forward instead of our sequential Triton forward (kernel
                  policy scan_forward="torch"; only when --models names it): what that forward saves
+  fast+graphs/mamba-bwd  the same with mamba-ssm's scan backward everywhere (scan_backward="torch"; only when
+                 --models names it): what our sequential Triton backward saves on short scans
   fast+compile   the fast path under torch.compile (only with --compile)
   nnunet_plain   nnU-Net's PlainConvUNet as nnU-Net plans it for 256x256 2D input (7 stages, 32..512)
 A training step is forward + cross-entropy + backward + AdamW step (lr 1e-3, weight decay 1e-2, as the released code
@@ -331,6 +333,9 @@ def released_network(vmunet: type[nn.Module], in_channels: int, classes: int) ->
 
 
 MAMBA_FORWARD_ROW = "fast+graphs/mamba-fwd"
+MAMBA_BACKWARD_ROW = "fast+graphs/mamba-bwd"
+# rows built only when --models names them: the trainer's path with one of our scan kernels replaced by mamba-ssm's
+MAMBA_ROWS = {MAMBA_FORWARD_ROW: dict(scan_forward="torch"), MAMBA_BACKWARD_ROW: dict(scan_backward="torch")}
 
 
 def model_specs(args, in_channels: int, classes: int, size: int, device: torch.device):
@@ -345,9 +350,10 @@ def model_specs(args, in_channels: int, classes: int, size: int, device: torch.d
     if device.type == "cuda":
         specs.append(("fast+graphs", lambda: enable_inference_graphs(
             enable_training_graphs(SAUMamba(in_channels, classes, **arch)))))
-        if args.models and MAMBA_FORWARD_ROW in args.models:
-            specs.append((MAMBA_FORWARD_ROW, lambda: enable_inference_graphs(enable_training_graphs(
-                SAUMamba(in_channels, classes, kernels=kernel_policy(scan_forward="torch"), **arch)))))
+        for row, choice in MAMBA_ROWS.items():
+            if args.models and row in args.models:
+                specs.append((row, lambda choice=choice: enable_inference_graphs(enable_training_graphs(
+                    SAUMamba(in_channels, classes, kernels=kernel_policy(**choice), **arch)))))
     if args.compile:
         specs.append(("fast+compile", lambda: torch.compile(SAUMamba(in_channels, classes, **arch))))
     specs.append(("nnunet_plain", lambda: nnunet_plain_unet(in_channels, classes, size)))
@@ -550,7 +556,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
     parser.add_argument("--models", nargs="+", default=None,
                         help="only these rows (reference, released, fast/cuda, fast/triton, fast/torch, "
-                             f"fast+graphs, {MAMBA_FORWARD_ROW}, fast+compile, nnunet_plain)")
+                             f"fast+graphs, {', '.join(MAMBA_ROWS)}, fast+compile, nnunet_plain)")
     parser.add_argument("--released-code", type=Path, default=None, metavar="DIR",
                         help=f"add a 'released' row: the released code's VMUNet, imported from "
                              f"DIR/models/vmunet/vmunet.py (DIR: your checkout of {RELEASED_REPOSITORY}; it needs "

@@ -3,7 +3,8 @@
 Rows per stage (channels = 4 directions x d_inner, L = H x W of a 256 x 256 input; bf16 u, delta, B, C; float32
 A, D and delta bias; N = 16, 4 groups of B and C, softplus on): mamba-ssm's kernel (``cuda``, through
 ops/scan/cuda_backend.py, when it imports), our sequential Triton forward beside mamba-ssm's backward
-(``cuda+sequential``, ops/scan/sequential_forward.py) and our chunked Triton kernels (``triton``, ops/scan/kernels.py).
+(``cuda+sequential``, ops/scan/sequential_forward.py), our sequential forward and backward (``sequential``,
+ops/scan/sequential_backward.py) and our chunked Triton kernels (``triton``, ops/scan/kernels.py).
 Kernels are called directly, without autograd; forward + backward is one forward and one backward call. Times are
 medians of triton.testing.do_bench (CUDA events, L2 flushed between runs; the first call, which compiles, is not
 timed). "per step" is count x fwd+bwd: the scans of one training step at that stage. "max err" is the largest error
@@ -130,6 +131,23 @@ def triton_implementation(module, name: str) -> Implementation:
     return Implementation(name, forward, backward)
 
 
+def sequential_implementation() -> Implementation:
+    """Our step-by-step Triton forward and backward (B and C transposes included); no mamba-ssm needed."""
+    from nnunetv2_sa_umamba.ops.scan import sequential_backward, sequential_forward
+
+    def forward(inputs):
+        return sequential_forward.forward(*_args(inputs), True)
+
+    def backward(dy, inputs, saved):
+        return sequential_backward.backward(dy, *_args(inputs), True)
+
+    return Implementation("sequential", forward, backward)
+
+
+# the rows that need no mamba-ssm (they also run under --smoke): name -> builder
+TRITON_IMPLEMENTATIONS = {"sequential": sequential_implementation}
+
+
 def timed(fn: Callable, device: torch.device, warmup: int, iters: int) -> tuple[float, object]:
     """(median ms of ``fn``, one of its results). The first call, which compiles, is not timed; then CUDA: triton's
     do_bench times ``warmup`` and ``iters`` milliseconds; CPU: benchmark_network's median over ``warmup`` and
@@ -195,8 +213,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=28)
     parser.add_argument("--stages", type=int, nargs="+", default=None, choices=[1, 2, 3, 4], help="only these stages")
-    parser.add_argument("--implementations", nargs="+", default=[*CUDA_IMPLEMENTATIONS, "triton"],
-                        choices=[*CUDA_IMPLEMENTATIONS, "triton"])
+    names = [*CUDA_IMPLEMENTATIONS, *TRITON_IMPLEMENTATIONS, "triton"]
+    parser.add_argument("--implementations", nargs="+", default=names, choices=names)
     parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up (CUDA) or calls (--smoke)")
     parser.add_argument("--iters", type=int, default=100, help="ms of timed runs (CUDA) or calls (--smoke)")
     parser.add_argument("--smoke", action="store_true",
@@ -223,6 +241,8 @@ def main(argv=None) -> int:
                                               else "mamba-ssm's selective_scan_cuda is not importable here") + ")")
             else:
                 implementations.append(impl)
+        elif name in TRITON_IMPLEMENTATIONS:
+            implementations.append(TRITON_IMPLEMENTATIONS[name]())
         else:
             implementations.append(triton_implementation(kernels, "triton"))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
