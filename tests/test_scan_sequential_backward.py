@@ -4,12 +4,11 @@ reference's autograd, and the ``scan_backward`` choice. Without a GPU the kernel
 import pytest
 import torch
 
-from nnunetv2_sa_umamba.modules.ss2d import SS2D
-from nnunetv2_sa_umamba.ops.policy import KernelPolicy
 from nnunetv2_sa_umamba.ops.scan import cuda_backend, interface
 from nnunetv2_sa_umamba.ops.scan import sequential_backward as kernel
 from nnunetv2_sa_umamba.ops.scan.reference import selective_scan_reference
 
+from test_scan_sequential_forward import case_inputs
 from test_selective_scan import make_inputs, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,11 +44,7 @@ WALKS = [pytest.param(*case.values, kernel.WALK_STEPS, id=f"{case.id}-walk{kerne
 @pytest.mark.parametrize("batch,dim,length,d_state,groups,use_D,use_bias,softplus,block_d,walk", WALKS)
 def test_backward_matches_reference(batch, dim, length, d_state, groups, use_D, use_bias, softplus, block_d,
                                     walk):
-    inputs = make_inputs(batch, dim, length, d_state, groups, dtype=torch.float32, device=DEVICE)
-    inputs["D"] = inputs["D"] if use_D else None
-    inputs["delta_bias"] = inputs["delta_bias"] if use_bias else None
-    if not softplus:  # positive steps, or the state grows without bound
-        inputs["delta"] = inputs["delta"].abs() * 0.5
+    inputs = case_inputs(batch, dim, length, d_state, groups, use_D, use_bias, softplus)
     dout = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grads = kernel.backward(dout, *(inputs[k] for k in NAMES), softplus, block_d=block_d, walk=walk)
     expected = reference_gradients(inputs, dout, softplus)
@@ -125,26 +120,3 @@ def test_the_choice_of_backward(monkeypatch):
     assert not interface.use_sequential_backward(longer, 16, 4, "auto")  # mamba-ssm's backward is faster
     assert not interface.use_sequential_backward(u[..., :interface.SEQUENTIAL_FORWARD_MIN_LENGTH - 1], 16, 4,
                                                  "auto")  # too short to be worth its compile
-
-
-def test_ss2d_asks_for_the_backward_its_policy_names(monkeypatch):
-    """SS2D's fast path hands its policy's scan_backward to the choice, and the choice to the cuda backend's op."""
-    asked, given = [], []
-    monkeypatch.setattr(interface, "_choose_backend", lambda device, backend: "cuda")
-    monkeypatch.setattr(interface, "use_sequential_forward", lambda *args: False)
-
-    def choose(u, d_state, groups, choice):
-        asked.append((d_state, groups, choice))
-        return choice == "triton"
-
-    monkeypatch.setattr(interface, "use_sequential_backward", choose)
-
-    def op(u, *args, sequential_forward, sequential_backward):
-        given.append(sequential_backward)
-        return torch.zeros_like(u)
-
-    monkeypatch.setattr(cuda_backend, "selective_scan_cuda_lowrank_delta", op)
-    for choice in ("triton", "torch"):
-        module = SS2D(8, kernels=KernelPolicy(scan="cuda", scan_backward=choice))
-        module(torch.randn(1, 4, 4, 8))
-    assert asked == [(16, 4, "triton"), (16, 4, "torch")] and given == [True, False]

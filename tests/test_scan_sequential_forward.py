@@ -58,14 +58,20 @@ CASES = [  # batch, dim, L, N, groups, use D, use delta_bias, softplus, block_d,
 ]
 
 
-@pytest.mark.parametrize("batch,dim,length,d_state,groups,use_D,use_bias,softplus,block_d,state_chunk", CASES)
-def test_forward_matches_reference(batch, dim, length, d_state, groups, use_D, use_bias, softplus, block_d,
-                                   state_chunk):
+def case_inputs(batch, dim, length, d_state, groups, use_D, use_bias, softplus):
+    """float32 scan inputs on DEVICE, without D or delta_bias where a case says so."""
     inputs = make_inputs(batch, dim, length, d_state, groups, dtype=torch.float32, device=DEVICE)
     inputs["D"] = inputs["D"] if use_D else None
     inputs["delta_bias"] = inputs["delta_bias"] if use_bias else None
     if not softplus:  # positive steps, or the state grows without bound
         inputs["delta"] = inputs["delta"].abs() * 0.5
+    return inputs
+
+
+@pytest.mark.parametrize("batch,dim,length,d_state,groups,use_D,use_bias,softplus,block_d,state_chunk", CASES)
+def test_forward_matches_reference(batch, dim, length, d_state, groups, use_D, use_bias, softplus, block_d,
+                                   state_chunk):
+    inputs = case_inputs(batch, dim, length, d_state, groups, use_D, use_bias, softplus)
     y, x = kernel.forward(*(inputs[k] for k in NAMES), softplus, state_chunk=state_chunk, block_d=block_d)
     y_ref = selective_scan_reference(*(inputs[k].double() if inputs[k] is not None else None for k in NAMES),
                                      delta_softplus=softplus)
@@ -138,8 +144,11 @@ def test_the_choice_of_forward(monkeypatch):
     assert not interface.use_sequential_forward(u[..., 1:], 16, 4, "auto")  # too short to be worth its compile
 
 
-def test_ss2d_asks_for_the_forward_its_policy_names(monkeypatch):
-    """SS2D's fast path hands its policy's scan_forward to the choice, and the choice to the cuda backend's op."""
+@pytest.mark.parametrize("field", ["scan_forward", "scan_backward"])
+def test_ss2d_asks_for_the_kernels_its_policy_names(monkeypatch, field):
+    """SS2D's fast path hands its policy's scan_forward (scan_backward) to the choice, and the choice to the cuda
+    backend's op; the other field's choice stays out of it."""
+    direction = field.removeprefix("scan_")
     asked, given = [], []
     monkeypatch.setattr(interface, "_choose_backend", lambda device, backend: "cuda")
 
@@ -147,15 +156,16 @@ def test_ss2d_asks_for_the_forward_its_policy_names(monkeypatch):
         asked.append((d_state, groups, choice))
         return choice == "triton"
 
-    monkeypatch.setattr(interface, "use_sequential_forward", choose)
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(interface, f"use_sequential_{name}", choose if name == direction else lambda *a: False)
 
     def op(u, *args, sequential_forward, sequential_backward):
-        given.append(sequential_forward)
+        given.append({"forward": sequential_forward, "backward": sequential_backward}[direction])
         return torch.zeros_like(u)
 
     monkeypatch.setattr(cuda_backend, "selective_scan_cuda_lowrank_delta", op)
     for choice in ("triton", "torch"):
-        module = SS2D(8, kernels=KernelPolicy(scan="cuda", scan_forward=choice))
+        module = SS2D(8, kernels=KernelPolicy(scan="cuda", **{field: choice}))
         module(torch.randn(1, 4, 4, 8))
     assert asked == [(16, 4, "triton"), (16, 4, "torch")] and given == [True, False]
 

@@ -18,6 +18,7 @@ Triton imports; ``torch`` otherwise. Under torch.compile the choice is made once
 """
 import functools
 import logging
+import math
 
 import torch
 from torch import Tensor
@@ -181,24 +182,32 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _use_sequential(direction: str, u: Tensor, d_state: int, groups: int, choice: str, max_length: float,
+                    kernel_module) -> bool:
+    """Whether the sequential Triton kernel runs the scan's ``direction`` ("forward" or "backward"; its module
+    ``kernel_module``): "auto" for SEQUENTIAL_FORWARD_MIN_LENGTH to ``max_length`` steps and at least
+    SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM programs per SM, "triton" always, "torch" never."""
+    if not fused_kernels_run(choice, u, u.numel(), f"the sequential scan {direction} with kernels {choice!r}"):
+        return False
+    if not _sequential_forward().supports(d_state):
+        if choice == "triton":
+            raise ValueError(f"the sequential scan {direction} needs a power-of-two state size in [2, 64], got "
+                             f"{d_state}; choose scan_{direction} 'auto' or 'torch'.")
+        return False
+    if choice == "triton":
+        return True
+    if not SEQUENTIAL_FORWARD_MIN_LENGTH <= u.shape[-1] <= max_length:
+        return False
+    programs = kernel_module().program_count(u.shape[0], u.shape[1], groups)
+    return programs >= SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device)
+
+
 def use_sequential_forward(u: Tensor, d_state: int, groups: int, choice: str) -> bool:
     """Whether the ``cuda`` backend's scan of ``u`` (batch, dim, L) with state size ``d_state`` and ``groups`` groups
     of B and C runs its forward as the sequential Triton kernel, for the kernel choice ("auto", "triton" or "torch",
     ``KernelPolicy.scan_forward``): "auto" where it has ``SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM`` programs per SM
     and ``SEQUENTIAL_FORWARD_MIN_LENGTH`` steps, "triton" always."""
-    if not fused_kernels_run(choice, u, u.numel(), f"the sequential scan forward with kernels {choice!r}"):
-        return False
-    if not _sequential_forward().supports(d_state):
-        if choice == "triton":
-            raise ValueError(f"the sequential scan forward needs a power-of-two state size in [2, 64], got "
-                             f"{d_state}; choose scan_forward 'auto' or 'torch'.")
-        return False
-    if choice == "triton":
-        return True
-    if u.shape[-1] < SEQUENTIAL_FORWARD_MIN_LENGTH:
-        return False
-    programs = _sequential_forward().program_count(u.shape[0], u.shape[1], groups)
-    return programs >= SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device)
+    return _use_sequential("forward", u, d_state, groups, choice, math.inf, _sequential_forward)
 
 
 def use_sequential_backward(u: Tensor, d_state: int, groups: int, choice: str) -> bool:
@@ -206,19 +215,8 @@ def use_sequential_backward(u: Tensor, d_state: int, groups: int, choice: str) -
     kernel instead of mamba-ssm's, for the kernel choice ("auto", "triton" or "torch", ``KernelPolicy.scan_backward``):
     "auto" for SEQUENTIAL_FORWARD_MIN_LENGTH to SEQUENTIAL_BACKWARD_MAX_LENGTH steps with
     SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM programs per SM, "triton" always."""
-    if not fused_kernels_run(choice, u, u.numel(), f"the sequential scan backward with kernels {choice!r}"):
-        return False
-    if not _sequential_forward().supports(d_state):
-        if choice == "triton":
-            raise ValueError(f"the sequential scan backward needs a power-of-two state size in [2, 64], got "
-                             f"{d_state}; choose scan_backward 'auto' or 'torch'.")
-        return False
-    if choice == "triton":
-        return True
-    if not SEQUENTIAL_FORWARD_MIN_LENGTH <= u.shape[-1] <= SEQUENTIAL_BACKWARD_MAX_LENGTH:
-        return False
-    programs = _sequential_backward().program_count(u.shape[0], u.shape[1], groups)
-    return programs >= SEQUENTIAL_FORWARD_MIN_PROGRAMS_PER_SM * _multiprocessors(u.device)
+    return _use_sequential("backward", u, d_state, groups, choice, SEQUENTIAL_BACKWARD_MAX_LENGTH,
+                           _sequential_backward)
 
 
 def selective_scan_lowrank_delta(u: Tensor, delta_low: Tensor, delta_weight: Tensor, A: Tensor, B: Tensor,
